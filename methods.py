@@ -1,0 +1,465 @@
+"""The catalogue of merge methods: pure tensor math, each method declared once.
+
+A method is a small pure function of the models' tensors (one output tensor's worth, already in the
+compute dtype) and keyword parameters. Per-model parameters arrive as one value per model, shared ones
+as one value. The `@method` declaration beside it says everything else the tool needs: parameters with
+defaults and ranges, base policy, model counts, scope, compute and output dtypes, and the properties
+the tests may assert. CLI flags, `--help`, validation and the README table all come from here.
+
+This module imports only torch and the standard library. It never opens files or prints; a method
+signals a questionable input with `warnings.warn(MethodWarning(...))`, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Scopes: how the orchestrator may feed a method.
+ELEMENTWISE = "element-wise"  # each output element depends only on the same element of each input: chunked
+WHOLE = "whole-tensor"  # needs reductions over the whole tensor (norms, dot products) before any output
+
+# Base policies.
+UNUSED = "unused"  # a --base is ignored with a warning
+REFUSED = "refused"  # a --base is an error
+
+# Compute dtype rules (what the inputs are cast to before the method sees them).
+FLOAT32 = "float32"  # float32, or float64 when any input is float64
+FIRST = "first"  # the first model's dtype
+INPUT = "input"  # the inputs' promoted dtype, as mergekit computes
+
+# Output dtype rules (the default when neither --dtype nor a recipe sets one); FIRST and INPUT as above.
+
+# Properties that tests derive from the declarations (../shared/spec/decisions.md §10).
+IDENTITY = "identical inputs give that input back"
+ORDER_FREE = "permuting the models (with their per-model values) changes nothing but rounding"
+HOMOGENEOUS = "scaling every input by c > 0 scales the output by c"
+
+# Chunks are powers of two so that vectorised kernels never round a chunk's tail differently:
+# chunked and whole-tensor results are then bit-identical. 2^18 float32 elements fit in L2 cache.
+CHUNK = 1 << 18
+
+
+class MethodWarning(UserWarning):
+    """A questionable input that the method still handled; `kind` groups repeats into one report."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its default, type and valid range, and whether it takes one value per model."""
+
+    name: str
+    default: object = None  # a value; for per-model parameters also a function of the model count
+    kind: type = float
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is outside the range
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    flag: str | None = None  # the CLI flag, when it is not --name-with-dashes
+    aliases: tuple[str, ...] = ()
+    help: str = ""
+
+    @property
+    def key(self) -> str:
+        """The parameter's name in recipes (a trailing underscore only dodges a Python keyword)."""
+        return self.name.rstrip("_")
+
+    @property
+    def default_text(self) -> str:
+        if callable(self.default):
+            return self.default.__doc__ or self.default.__name__
+        if self.kind is bool:
+            return str(self.default).lower()
+        return "none" if self.default is None else f"{self.default:g}" if self.kind in (int, float) else str(self.default)
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+    def range_text(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+    def problem(self, value) -> str | None:
+        """Why `value` is invalid for this parameter, or None."""
+        if value is None:
+            return None
+        if self.kind is bool or self.kind is str:
+            if self.choices and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)} (got {value})"
+            return None
+        if self.kind is int and value != int(value):
+            return f"must be an integer (got {value:g})"
+        if not math.isfinite(value):
+            return f"value '{value}' is not a finite number"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            integer = "an integer " if self.kind is int else ""
+            return f"must be {integer}{self.range_text()} (got {value:g})"
+        return None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    func: Callable[..., Tensor]
+    summary: str
+    paper: str
+    params: tuple[Param, ...]
+    base: str
+    min_models: int
+    max_models: int | None
+    scope: str
+    compute: str | Callable[[dict], str]  # a rule, or a function of the resolved parameters giving one
+    output: str
+    properties: frozenset[str]
+    check: Callable[[dict], list[tuple[str, str]]] | None  # cross-parameter checks: (param name, problem)
+    when: str  # one line on when to use it, for the README
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def compute_rule(self, params: dict) -> str:
+        return self.compute(params) if callable(self.compute) else self.compute
+
+    def problems(self, params: dict) -> list[tuple[str, str]]:
+        return self.check(params) if self.check else []
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[Param] = (),
+           base: str = UNUSED, min_models: int = 1, max_models: int | None = None, scope: str = ELEMENTWISE,
+           compute: str | Callable[[dict], str] = FLOAT32, output: str = FIRST,
+           properties: Sequence[str] = (), check: Callable[[dict], list[tuple[str, str]]] | None = None):
+    """Declare and register a method; the function itself is returned unchanged."""
+
+    def register(func: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        declared = {p.name for p in params}
+        code = func.__code__
+        keywords = set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount])
+        if keywords != declared:
+            raise TypeError(f"method {name}: keyword parameters {sorted(keywords)} differ from the declared {sorted(declared)}")
+        REGISTRY[name] = Method(name, func, summary, paper, tuple(params), base, min_models, max_models, scope,
+                                compute, output, frozenset(properties), check, when)
+        return func
+
+    return register
+
+
+def canonical_name(text: str) -> str | None:
+    """The registered name for `text`, treating '-' and '_' alike, or None."""
+    wanted = text.strip().lower().replace("-", "_")
+    return wanted if wanted in REGISTRY else None
+
+
+def closest_names(text: str, names: Sequence[str]) -> list[str]:
+    return difflib.get_close_matches(text.lower().replace("-", "_"), list(names), n=1, cutoff=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def normalised(weights: Sequence[float]) -> list[float]:
+    """Weights divided by their sum, in double precision."""
+    total = math.fsum(weights)
+    return [w / total for w in weights]
+
+
+def descending(count: int) -> list[int]:
+    """N, N-1, ..., 1"""
+    return list(range(count, 0, -1))
+
+
+def equal(count: int) -> list[float]:
+    """equal"""
+    return [1.0 / count] * count
+
+
+def weights_sum_nonzero(params: dict) -> list[tuple[str, str]]:
+    return [("weight", "sum to 0")] if abs(math.fsum(params["weight"])) < 1e-9 else []
+
+
+def chunk_ranges(numel: int, chunk: int = CHUNK):
+    return ((start, min(start + chunk, numel)) for start in range(0, numel, chunk))
+
+
+def gram_matrix(tensors: Sequence[Tensor]) -> Tensor:
+    """G[i, j] = <t_i, t_j>, accumulated in float64 chunk by chunk (no float64 copy of a whole tensor)."""
+    flats = [t.reshape(-1) for t in tensors]
+    gram = torch.zeros(len(flats), len(flats), dtype=torch.float64)
+    for start, stop in chunk_ranges(flats[0].numel(), max(1 << 12, CHUNK // len(flats))):
+        rows = torch.stack([f[start:stop] for f in flats]).to(torch.float64)
+        gram += rows @ rows.T
+    return gram
+
+
+def combine(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """Σ c_i t_i, summed in float64 chunk by chunk and returned in the tensors' dtype."""
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flats[0])
+    for start, stop in chunk_ranges(out.numel()):
+        acc = torch.zeros(stop - start, dtype=torch.float64)
+        for c, f in zip(coefficients, flats):
+            if c != 0.0:
+                acc += c * f[start:stop].to(torch.float64)
+        out[start:stop] = acc
+    return out.reshape(tensors[0].shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the seed methods: moving averages of training snapshots
+
+
+@method(
+    name="sma",
+    summary="Simple moving average: the plain mean of the checkpoints.",
+    paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
+    when="Average the last snapshots of one training run to smooth out noise.",
+    min_models=2,
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def sma(models: Sequence[Tensor]) -> Tensor:
+    total = models[0]
+    for x in models[1:]:
+        total = total + x
+    # Divide rather than multiply by 1/N: that is the reference's rounding.
+    return total / len(models)
+
+
+@method(
+    name="ema",
+    summary="Exponential moving average along the series; the last checkpoint weighs most.",
+    paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
+    when="Smooth a series of snapshots in order, favouring the most recent.",
+    min_models=2,
+    params=[Param("alpha", default=0.5, low=0.0, high=1.0, low_open=True,
+                  help="EMA factor: each next checkpoint gets alpha, the running average 1 - alpha")],
+    properties=[IDENTITY, HOMOGENEOUS],
+)
+def ema(models: Sequence[Tensor], *, alpha: float) -> Tensor:
+    keep = 1.0 - alpha  # in double, then rounded to the compute dtype like alpha, as the reference does
+    average = models[0]
+    for x in models[1:]:
+        # Separate multiply and add, in this order: the reference's bits (no fused multiply-add).
+        average = alpha * x + keep * average
+    return average
+
+
+@method(
+    name="wma",
+    summary="Weighted moving average; by default the weights fall linearly from the first checkpoint (N, ..., 1).",
+    paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
+    when="Average a series with weights of your choice (default: the first checkpoint weighs most).",
+    min_models=2,
+    params=[Param("weight", default=descending, per_model=True, low=0.0, flag="--weights", aliases=("--alphas",),
+                  help="one weight per model, normalised to sum to 1")],
+    check=lambda p: [("weight", "sum to 0")] if math.fsum(p["weight"]) <= 0 else [],
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def wma(models: Sequence[Tensor], *, weight: Sequence[float]) -> Tensor:
+    shares = normalised(weight)
+    total = shares[0] * models[0]
+    for share, x in zip(shares[1:], models[1:]):
+        total = total + share * x
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# mergekit's basics
+
+
+@method(
+    name="linear",
+    summary="Weighted average of the models (model soup); weights are normalised unless --no-normalize.",
+    paper="Model soups, arXiv 2203.05482 (mergekit 'linear')",
+    when="Average fine-tunes of one base, or build a weighted soup; the fastest method.",
+    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
+                  help="one weight per model"),
+            Param("normalize", default=True, kind=bool, help="divide by the sum of the weights")],
+    check=lambda p: ([("weight", "sum to 0 (use --no-normalize to add the models up)")]
+                     if p["normalize"] and math.fsum(p["weight"]) == 0 else []),
+    output=INPUT,
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def linear(models: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
+    weights = torch.tensor(weight, dtype=models[0].dtype)
+    total = torch.zeros_like(models[0])
+    for x, w in zip(models, weights):
+        total.addcmul_(x, w)
+    if normalize:
+        total.div_(weights.sum())
+    return total
+
+
+@method(
+    name="passthrough",
+    summary="Copy one model through, optionally scaled: format conversion, re-sharding, dtype changes.",
+    paper="mergekit 'passthrough'",
+    when="Convert a .bin to safetensors, re-shard a model, or change its dtype.",
+    min_models=1,
+    max_models=1,
+    params=[Param("scale", per_model=True, help="multiply every tensor by this factor")],
+    compute=INPUT,
+    output=INPUT,
+    properties=[IDENTITY, HOMOGENEOUS],
+)
+def passthrough(models: Sequence[Tensor], *, scale: Sequence[float | None]) -> Tensor:
+    return models[0] if scale[0] is None else models[0] * scale[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Karcher mean on the sphere
+
+
+def karcher_compute(params: dict) -> str:
+    return FIRST if params["compute"] == "native" else FLOAT32
+
+
+@method(
+    name="karcher",
+    summary="Weighted Karcher (Fréchet) mean of the directions on the sphere, with the weighted mean length.",
+    paper="Karcher-merge (win10ogod/Karcher-merge); mergekit 'karcher'",
+    when="Average models whose weights point in different directions without shrinking them as a plain mean does.",
+    min_models=2,
+    max_models=100,
+    scope=WHOLE,
+    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
+                  help="one weight per model, normalised (negative allowed)"),
+            Param("max_iter", default=10, kind=int, low=0, flag="--karcher-iter", help="iterations at most"),
+            Param("tol", default=1e-5, low=0.0, high=1.0, low_open=True, high_open=True, flag="--karcher-tol",
+                  help="tolerance of every convergence and zero-norm test"),
+            Param("compute", default="float32", kind=str, choices=("float32", "native"), flag="--karcher-compute",
+                  help="float32: exact float32/float64 arithmetic; native: the reference's arithmetic in the "
+                       "first model's dtype (for half-precision parity)")],
+    compute=karcher_compute,
+    check=weights_sum_nonzero,
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def karcher(models: Sequence[Tensor], *, weight: Sequence[float], max_iter: int, tol: float,
+            compute: str) -> Tensor:
+    alphas = normalised(weight)
+    if compute == "native":
+        return karcher_direct(models, alphas, max_iter, tol)
+    gram = gram_matrix(models)
+    norms = gram.diagonal().clamp(min=0).sqrt().tolist()
+    coefficients = karcher_coefficients(gram, norms, alphas, max_iter, tol, models[0].numel())
+    return combine(models, coefficients)
+
+
+def karcher_coefficients(gram: Tensor, norms: list[float], alphas: list[float], max_iter: int,
+                         tol: float, numel: int) -> list[float]:
+    """The Karcher iteration in the span of the unit directions: returns c with result = Σ c_i t_i.
+
+    The iterate u = Σ a_i û_i is kept as its coefficients a; every inner product the reference takes is
+    a quadratic form of the unit directions' Gram matrix. One pass built the Gram matrix; one more
+    writes the result.
+    """
+    count = len(norms)
+    inverse = [1.0 / n if n > 0 else 0.0 for n in norms]
+    units = gram * torch.tensor(inverse, dtype=torch.float64).outer(torch.tensor(inverse, dtype=torch.float64))
+    valid = [i for i in range(count) if norms[i] > tol]
+    if not valid:
+        return [0.0] * count
+    valid_sum = math.fsum(alphas[i] for i in valid)
+    if valid_sum == 0:
+        raise ValueError("the weights of the non-zero inputs sum to 0")
+    beta = torch.zeros(count, dtype=torch.float64)
+    for i in valid:
+        beta[i] = alphas[i] / valid_sum
+
+    def norm(coeffs: Tensor) -> float:
+        return math.sqrt(max(float(coeffs @ units @ coeffs), 0.0))
+
+    point = beta.clone()
+    length = norm(point)
+    if length < tol:
+        if numel > 1:
+            warnings.warn(MethodWarning("antipodal", "near-antipodal inputs: their mean direction is ill-defined"))
+        point = torch.zeros(count, dtype=torch.float64)
+        point[valid[0]] = 1.0
+    else:
+        point /= length
+    for _ in range(max_iter):
+        cosines = (units @ point).clamp(-1.0, 1.0)
+        tangent = torch.zeros(count, dtype=torch.float64)
+        for i in valid:
+            c = float(cosines[i])
+            theta = math.acos(c)
+            if theta < tol or 1.0 - c * c <= 0.0:
+                continue
+            step = beta[i] * theta / math.sin(theta)
+            tangent -= step * c * point
+            tangent[i] += step
+        size = norm(tangent)
+        if size < tol:
+            break
+        point = math.cos(size) * point + math.sin(size) * tangent / size
+        length = norm(point)
+        if length > tol:
+            point /= length
+    scale = math.fsum(a * n for a, n in zip(alphas, norms))
+    return [scale * float(point[i]) * inverse[i] for i in range(count)]
+
+
+def karcher_direct(models: Sequence[Tensor], alphas: list[float], max_iter: int, tol: float) -> Tensor:
+    """The reference's arithmetic, op for op, in the models' own dtype (norms in float32 or float64)."""
+    wide = torch.float64 if models[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(wide)) for x in models]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(models, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(models[0])
+    valid_sum = math.fsum(alphas[i] for i in valid)
+    if valid_sum == 0:
+        raise ValueError("the weights of the non-zero inputs sum to 0")
+    betas = [alphas[i] / valid_sum for i in valid]
+    directions = [units[i] for i in valid]
+    point = torch.zeros_like(directions[0])
+    for beta, unit in zip(betas, directions):
+        point += beta * unit
+    length = torch.linalg.vector_norm(point.to(wide))
+    if length.item() < tol:
+        if point.numel() > 1:
+            warnings.warn(MethodWarning("antipodal", "near-antipodal inputs: their mean direction is ill-defined"))
+        point = directions[0].clone()
+    else:
+        point = (point / length).to(point.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(point)
+        for beta, unit in zip(betas, directions):
+            cosine = torch.clamp(torch.dot(point.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cosine)
+            if theta.item() < tol:
+                continue
+            tangent += beta * (theta / torch.sin(theta)) * (unit - cosine * point)
+        size = torch.linalg.vector_norm(tangent.to(wide))
+        if size.item() < tol:
+            break
+        point = (torch.cos(size) * point + torch.sin(size) * (tangent / size)).to(point.dtype)
+        length = torch.linalg.vector_norm(point.to(wide))
+        if length.item() > tol:
+            point = (point / length).to(point.dtype)
+    scale = sum(alpha * n for alpha, n in zip(alphas, norms))
+    return scale * point
