@@ -636,7 +636,7 @@ class StreamingWriter:
         self._write(memoryview(raw.numpy()))
         self.remaining -= raw.numel()
         self.written += raw.numel()
-        while self.remaining == 0 and self.position < len(self.queue):
+        if self.remaining == 0:  # this tensor is complete (an empty one with its single empty write)
             self.position += 1
             if self.position < len(self.queue):
                 self.remaining = self.queue[self.position][2].nbytes

@@ -179,9 +179,10 @@ def build_parser() -> Parser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(argv)
     if unknown:
         known = [s for a in parser._actions for s in a.option_strings]
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
@@ -301,6 +302,12 @@ def split_values(tokens: Sequence[str]) -> list[str]:
     return [part.strip() for token in tokens for part in token.split(",") if part.strip()]
 
 
+def spelled(p: methods.Param, args: argparse.Namespace) -> str:
+    """The flag as the user wrote it (--alphas or --weights), for messages."""
+    names = (p.cli_flag, *p.aliases)
+    return next((a.split("=")[0] for a in args.argv if a.split("=")[0] in names), p.cli_flag)
+
+
 def flag_problems(method: methods.Method, args: argparse.Namespace) -> list[str]:
     """Flags given that the method does not use, with a hint towards what was probably meant."""
     problems = []
@@ -338,26 +345,28 @@ def cli_settings(method: methods.Method, args: argparse.Namespace, count: int) -
         values = split_values(raw)
         if not values:
             continue
+        flag = spelled(p, args)
         try:
-            numbers = [parse_number(v, p.cli_flag, method.name, p.kind) for v in values]
+            numbers = [parse_number(v, flag, method.name, p.kind) for v in values]
         except MergeError as err:
             problems.extend(err.lines)
             continue
         if p.per_model:
             if len(numbers) not in (1, count):
-                problems.append(f"{method.name}: {p.cli_flag} has {len(numbers)} values for {count} models")
+                problems.append(f"{method.name}: {flag} has {len(numbers)} values for {count} models")
                 continue
             for i in range(count):
                 per_model[i][p.name] = numbers[0] if len(numbers) == 1 else numbers[i]
         else:
             shared[p.name] = numbers[0] if len(numbers) == 1 else numbers
     for p in method.params:
+        flag = spelled(p, args)
         if p.per_model:
-            problems += [f"{method.name}: {p.cli_flag} {problem}" + (f" for model {i + 1}" if count > 1 else "")
+            problems += [f"{method.name}: {flag} {problem}" + (f" for model {i + 1}" if count > 1 else "")
                          for i, settings in enumerate(per_model) if p.name in settings
                          for v in scalars(settings[p.name]) if (problem := p.problem(v))]
         elif p.name in shared:
-            problems += [f"{method.name}: {p.cli_flag} {problem}" for v in scalars(shared[p.name])
+            problems += [f"{method.name}: {flag} {problem}" for v in scalars(shared[p.name])
                          if (problem := p.problem(v))]
     return shared, per_model, problems
 
@@ -642,6 +651,8 @@ def _plan_models(method, models, labels, target, shard_size, device, args, repor
         hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
         raise MergeError(f"{method.name} needs {span} models, found {count} ({found}){hint}")
     shared, per_model, problems = cli_settings(method, args, count)
+    if problems:
+        raise MergeError(*problems)
     check_output(target, args.output, models, args.models, args.overwrite)
     names = check_keys(models, args.skip_missing, reporter)
     check_shapes(models, names)
@@ -656,8 +667,7 @@ def _plan_models(method, models, labels, target, shard_size, device, args, repor
             continue
         params = resolve_params(method, shared, per_model, name, layer_position(name, counts))
         for param, problem in method.problems(params):
-            flag = method.param(param).cli_flag
-            line = f"{method.name}: {flag} {problem}"
+            line = f"{method.name}: {spelled(method.param(param), args)} {problem}"
             if line not in seen_problems:
                 seen_problems.append(line)
         dtypes = [info.dtype for info in infos]
@@ -665,9 +675,8 @@ def _plan_models(method, models, labels, target, shard_size, device, args, repor
         compute = args.compute_dtype or compute_dtype(rule, dtypes)
         out = args.dtype or args.compute_dtype or compute_dtype(method.output, dtypes)
         jobs.append(Job(name, TensorInfo(out, infos[0].shape), list(range(count)), params, compute))
-    problems += seen_problems
-    if problems:
-        raise MergeError(*problems)
+    if seen_problems:
+        raise MergeError(*seen_problems)
 
     by_name = {job.name: job for job in jobs}
     entries = [(job.name, job.out) for job in jobs]
