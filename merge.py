@@ -11,6 +11,7 @@ streaming run with a read-ahead thread, progress, warnings and exit codes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -24,8 +25,8 @@ import traceback
 import types
 import warnings
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 TOOL = "merge-models"
 __version__ = "0.1.0"
@@ -35,12 +36,23 @@ class _DeferredModule(types.ModuleType):
     """A module whose code runs on first use of one of its attributes.
 
     Unlike importlib's LazyLoader, reading `__spec__` does not count as use, so a plain `import torch`
-    elsewhere binds the name without paying the seconds torch takes to import.
+    elsewhere binds the name without paying the seconds torch takes to import. The first use runs the
+    module's code under a lock; other threads wait for it to finish.
     """
 
+    _lock = threading.RLock()
+
     def __getattr__(self, attribute: str):
-        self.__class__ = types.ModuleType
-        self.__spec__.loader.exec_module(self)
+        with self._lock:
+            if self.__dict__.get("_running"):  # the module's own code asking for what it has not defined yet
+                raise AttributeError(attribute)
+            if type(self) is _DeferredModule:
+                self.__dict__["_running"] = True
+                try:
+                    self.__spec__.loader.exec_module(self)
+                finally:
+                    del self.__dict__["_running"]
+                self.__class__ = types.ModuleType
         return getattr(self, attribute)
 
 
@@ -159,6 +171,8 @@ def build_parser() -> Parser:
     parser.add_argument("--skip-missing", action="store_true", help="merge the tensors all models share; skip the rest")
     parser.add_argument("--sort", choices=("name", "natural"), default="name",
                         help="order of checkpoints expanded from a folder or glob: code-point (default) or natural")
+    parser.add_argument("--seed", "--random-seed", type=int, metavar="N",
+                        help="seed of random methods: the same seed repeats a merge bit for bit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--quiet", action="store_true", help="no progress, input order or summary; warnings stay")
     parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -194,6 +208,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not args.models:
         raise MergeError("--models is required: one or more checkpoints")
     return args
+
+
+def methods_table() -> str:
+    """The README's methods table, generated from the registry (a test keeps the README in step)."""
+    rules = {methods.FLOAT32: "float32", methods.FIRST: "first model's", methods.PROMOTED: "inputs' (promoted)",
+             methods.BASE: "base's"}
+    rows = ["| method | what it does | when to use it | models | base | parameters (CLI flag = default) "
+            "| computes in | writes | scope |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods.REGISTRY.values():
+        count = (f"{m.min_models}" if m.max_models == m.min_models else
+                 f"{m.min_models}–{m.max_models}" if m.max_models else f"≥ {m.min_models}")
+        params = "<br>".join(f"`{p.cli_flag}` = {p.default_text}" + (" (per model)" if p.per_model else "")
+                             for p in m.params) or "—"
+        compute = m.compute.__doc__ if callable(m.compute) else rules.get(m.compute, m.compute)
+        rows.append(f"| `{m.name}` | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
+                    f"| {rules.get(m.output, m.output)} | {m.scope} |")
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,15 +298,19 @@ class Job:
 
     name: str
     out: TensorInfo  # dtype and shape written
-    sources: list[int]  # indices into Plan.models that are read
-    params: dict | None  # resolved method parameters; None copies sources[0] through unchanged
-    compute: str | None  # compute dtype name
+    sources: list[int]  # indices into Plan.models that are read; with `base`, the base is the last
+    params: dict | None = None  # resolved method parameters; None copies sources[0] through unchanged
+    compute: str | None = None  # compute dtype name
+    func: Callable | None = None  # the method's function, or its element-wise fallback
+    scope: str = methods.ELEMENTWISE  # how `func` is fed: chunks, or whole tensors
+    base: bool = False  # pass the last source as `base=`
+    seed: int | None = None  # the seed of this tensor's generator, for random methods
 
 
 @dataclass
 class Plan:
     method: methods.Method
-    models: list[Model]
+    models: list[Model]  # every input opened, the base last when there is one
     target: OutputTarget
     jobs: list[Job]
     shards: list[list[tuple[str, TensorInfo]]]
@@ -284,7 +319,6 @@ class Plan:
     device: str
     overwrite: bool
     output_label: str
-    notes: list[str] = field(default_factory=list)
 
 
 def parse_number(text: str, flag: str, method_name: str, kind: type) -> float:
@@ -477,10 +511,13 @@ def promoted(dtypes: Sequence[str]) -> str:
     return dtype_name(result)
 
 
-def compute_dtype(rule: str, dtypes: Sequence[str]) -> str:
+def compute_dtype(rule: str, dtypes: Sequence[str], base: int = -1) -> str:
+    """A dtype rule applied to one tensor's input dtypes (models first, the base last when there is one)."""
     if rule == methods.FIRST:
         return dtypes[0]
-    if rule == methods.INPUT:
+    if rule == methods.BASE:
+        return dtypes[base]
+    if rule == methods.PROMOTED:
         return promoted(dtypes)
     return "float64" if "float64" in dtypes else "float32"
 
@@ -529,37 +566,30 @@ def check_device(device: str) -> str:
     return device
 
 
-SEED_METADATA_NAMES = {"sma": "SMA", "ema": "EMA", "wma": "WMA"}
-
-
-def seed_metadata(method: methods.Method, models: list[Model], shared: dict, per_model: list[dict], params: dict) -> dict[str, str]:
+def seed_metadata(method: methods.Method, models: list[Model], per_model: list[dict], params: dict) -> dict[str, str]:
     """The keys the SafeTensor Model Merger writes, which downstream tools read."""
-    if method.name not in SEED_METADATA_NAMES:
+    if not method.seed_keys:
         return {}
     meta = {
-        "merge_method": SEED_METADATA_NAMES[method.name],
+        "merge_method": method.name.upper(),
         "merged_models_count": str(len(models)),
         "source_files": json.dumps([os.path.basename(m.paths[0]) if len(m.files) == 1 else os.path.basename(m.folder)
                                     for m in models]),
     }
-    if method.name == "ema":
+    if "alpha" in params:
         meta["alpha"] = str(float(params["alpha"]))
-    if method.name == "wma":
+    if "weight" in params:
         given = all("weight" in s for s in per_model)
-        weights = [float(s["weight"]) for s in per_model] if given else params["weight"]
-        meta["weights"] = json.dumps(weights)
+        meta["weights"] = json.dumps([float(s["weight"]) for s in per_model] if given else params["weight"])
         meta["normalized_weights"] = json.dumps([round(w, 6) for w in methods.normalised(params["weight"])])
     return meta
 
 
-def recipe(method: methods.Method, labels: list[str], shared: dict, per_model: list[dict],
-           args: argparse.Namespace) -> dict:
+def recipe(method: methods.Method, labels: list[str], base: str | None, shared: dict, per_model: list[dict],
+           args: argparse.Namespace, seed: int | None) -> dict:
     """The resolved recipe, in mergekit's YAML shape, stored in the output so the merge can be repeated."""
     count = len(labels)
-    parameters = {}
-    for p in method.params:
-        if not p.per_model:
-            parameters[p.key] = shared.get(p.name, p.default)
+    parameters = {p.key: shared.get(p.name, p.default) for p in method.params if not p.per_model}
     models = []
     for i, label in enumerate(labels):
         own = {}
@@ -570,11 +600,11 @@ def recipe(method: methods.Method, labels: list[str], shared: dict, per_model: l
                 if value is not None:
                     own[p.key] = value
         models.append({"model": label, **({"parameters": own} if own else {})})
-    result = {"merge_method": method.name, "models": models, "parameters": parameters}
-    if args.compute_dtype:
-        result["dtype"] = args.compute_dtype
-    if args.dtype:
-        result["out_dtype"] = args.dtype
+    result = {"merge_method": method.name, **({"base_model": base} if base else {}), "models": models,
+              "parameters": parameters}
+    for key, value in (("dtype", args.compute_dtype), ("out_dtype", args.dtype), ("seed", seed)):
+        if value is not None:
+            result[key] = value
     return result
 
 
@@ -595,33 +625,60 @@ def updated_config(path: str, out_dtype: str | None) -> bytes | str:
     return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
-def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
-    name = methods.canonical_name(args.method)
+def find_method(text: str) -> methods.Method:
+    name = methods.canonical_name(text)
     if name is None:
-        guess = methods.closest_names(args.method, list(methods.REGISTRY))
+        guess = methods.closest_names(text, list(methods.REGISTRY))
         hint = f"; did you mean '{guess[0]}'?" if guess else f" (choose from {', '.join(methods.REGISTRY)})"
-        raise MergeError(f"unknown method '{args.method}'{hint}")
-    method = methods.REGISTRY[name]
+        raise MergeError(f"unknown method '{text}'{hint}")
+    return methods.REGISTRY[name]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Each tensor's own seed, so that random draws do not depend on the order tensors are processed in."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+VOCABULARY = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|lm_head|embed_out)(\.|$)")
+
+
+def takes_matrix_path(name: str, info: TensorInfo) -> bool:
+    """2-D weights take a matrix method's math; embeddings and output heads (vocab x hidden) do not."""
+    return len(info.shape) == 2 and not VOCABULARY.search(name)
+
+
+@dataclass
+class Options:
+    """What planning needs besides the models: checked output, shard size, device, seed."""
+
+    target: OutputTarget
+    shard_size: int
+    device: str
+    seed: int | None
+
+
+def check_options(method: methods.Method, args: argparse.Namespace, reporter: Reporter) -> Options:
     problems = flag_problems(method, args)
     if len(args.models) > MAX_INPUT_PATHS:
         problems.append(f"--models takes at most {MAX_INPUT_PATHS} paths (got {len(args.models)})")
-    if args.base is not None:
-        if method.base == methods.REFUSED:
-            problems.append(f"{method.name} takes no --base")
-        else:
-            reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
+    if args.base is not None and method.base == methods.REFUSED:
+        problems.append(f"{method.name} takes no --base")
+    elif args.base is not None and method.base == methods.UNUSED:
+        reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
+    elif args.base is None and method.base == methods.REQUIRED:
+        problems.append(f"{method.name} needs a base model: give it with --base PATH")
+    shard_size = 5 * 10**9
     if args.shard_size is not None:
         try:
             shard_size = parse_size(args.shard_size)
         except ValueError:
             problems.append(f"--shard-size {args.shard_size}: use a size such as 5GB or 500MB")
-    else:
-        shard_size = 5 * 10**9
+    target = None
     try:
         target = output_target(args.output)
     except MergeError as err:
         problems.extend(err.lines)
-        target = None
     if args.shard_size is not None and target is not None and not target.is_folder:
         reporter.warn("shard-size", "--shard-size is ignored: the output is a single file")
     device = args.device
@@ -629,41 +686,90 @@ def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
         device = check_device(args.device)
     except MergeError as err:
         problems.extend(err.lines)
+    seed = args.seed
+    if seed is not None and not 0 <= seed < 2**63:
+        problems.append(f"--seed must be between 0 and 2**63 - 1 (got {seed})")
     if problems:
         raise MergeError(*problems)
+    if method.random and seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
+        reporter.note(f"seed: {seed} (give --seed {seed} to repeat this merge bit for bit)")
+    elif not method.random and seed is not None:
+        reporter.warn("seed", f"--seed is ignored: {method.name} is deterministic")
+        seed = None
+    return Options(target, shard_size, device, seed)
 
+
+def open_base(method: methods.Method, args: argparse.Namespace, models: list[Model], reporter: Reporter) -> Model | None:
+    """The base model, when the method uses one; None for mergekit's karcher when the base is also listed."""
+    if args.base is None or method.base in (methods.UNUSED, methods.REFUSED):
+        return None
+    if resolve_input(args.base, natural=False) is not None:
+        raise MergeError(f"--base {args.base}: give one model, not a folder of checkpoints")
+    base = open_model(args.base, args.base, reporter.warn)
+    key = _identity(base)
+    twin = next((m for m in models if _identity(m) == key), None)
+    if twin is None:
+        return base
+    base.close()
+    if method.base == methods.INPUT:
+        return None
+    raise MergeError(f"--base {args.base} is also in --models (as {twin.label}); list it only as --base")
+
+
+def _identity(model: Model) -> str:
+    return os.path.realpath(model.paths[0] if len(model.files) == 1 else model.folder)
+
+
+def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
+    method = find_method(args.method)
+    options = check_options(method, args, reporter)
     models, labels = open_inputs(args.models, args.sort == "natural", reporter)
+    base = None
     try:
-        return _plan_models(method, models, labels, target, shard_size, device, args, reporter)
+        base = open_base(method, args, models, reporter)
+        return _plan_models(method, models, labels, base, options, args, reporter)
     except BaseException:
-        for model in models:
+        for model in models + ([base] if base else []):
             model.close()
         raise
 
 
-def _plan_models(method, models, labels, target, shard_size, device, args, reporter) -> Plan:
+def count_problem(method: methods.Method, labels: list[str]) -> str | None:
+    count = len(labels)
+    low, high = method.min_models, method.max_models
+    if low <= count and (high is None or count <= high):
+        return None
+    span = f"exactly {low}" if high == low else f"{low} to {high}" if high is not None else f"at least {low}"
+    found = ", ".join(labels[:3]) + (", ..." if count > 3 else "")
+    hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
+    return f"{method.name} needs {span} models, found {count} ({found}){hint}"
+
+
+def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
+    if base is not None and method.base == methods.INPUT:
+        models, labels, base = models + [base], labels + [base.label], None
+    problem = count_problem(method, labels)
+    if problem:
+        raise MergeError(problem)
     count = len(models)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        span = (f"{method.min_models} to {method.max_models}" if method.max_models not in (None, method.min_models)
-                else f"exactly {method.min_models}" if method.max_models == method.min_models
-                else f"at least {method.min_models}")
-        found = ", ".join(labels[:3]) + (", ..." if count > 3 else "")
-        hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
-        raise MergeError(f"{method.name} needs {span} models, found {count} ({found}){hint}")
     shared, per_model, problems = cli_settings(method, args, count)
     if problems:
         raise MergeError(*problems)
-    check_output(target, args.output, models, args.models, args.overwrite)
-    names = check_keys(models, args.skip_missing, reporter)
-    check_shapes(models, names)
-    counts = layer_counts(models[0].infos)
+    inputs = models + ([base] if base else [])
+    check_output(options.target, args.output, inputs, args.models + ([args.base] if base else []), args.overwrite)
+    donor = len(inputs) - 1 if base else 0
+    names = check_keys([inputs[donor]] + [m for i, m in enumerate(inputs) if i != donor], args.skip_missing, reporter)
+    check_shapes(inputs, names)
+    counts = layer_counts(inputs[donor].infos)
     jobs, seen_problems = [], []
     for name in names:
-        infos = [m.infos[name] for m in models]
+        infos = [m.infos[name] for m in inputs]
         if not infos[0].is_float:
-            if any(info != infos[0] for info in infos[1:]):
-                reporter.warn("int-dtype", f"tensor {name}: non-float dtypes differ between models; copied from {labels[0]}")
-            jobs.append(Job(name, infos[0], [0], None, None))
+            if any(info != infos[donor] for info in infos):
+                reporter.warn("int-dtype", f"tensor {name}: non-float dtypes differ between models; "
+                                           f"copied from {inputs[donor].label}")
+            jobs.append(Job(name, infos[donor], [donor]))
             continue
         params = resolve_params(method, shared, per_model, name, layer_position(name, counts))
         for param, problem in method.problems(params):
@@ -671,16 +777,22 @@ def _plan_models(method, models, labels, target, shard_size, device, args, repor
             if line not in seen_problems:
                 seen_problems.append(line)
         dtypes = [info.dtype for info in infos]
-        rule = method.compute_rule(params)
-        compute = args.compute_dtype or compute_dtype(rule, dtypes)
-        out = args.dtype or args.compute_dtype or compute_dtype(method.output, dtypes)
-        jobs.append(Job(name, TensorInfo(out, infos[0].shape), list(range(count)), params, compute))
+        compute = args.compute_dtype or compute_dtype(method.compute_rule(params), dtypes)
+        out = args.dtype or args.compute_dtype or compute_dtype(method.output, dtypes, donor)
+        func, scope = method.func, method.scope
+        if scope == methods.MATRIX:
+            matrix = takes_matrix_path(name, infos[0])
+            func, scope = (method.func, methods.WHOLE) if matrix else (method.fallback, methods.ELEMENTWISE)
+        seed = tensor_seed(options.seed, name) if method.random else None
+        jobs.append(Job(name, TensorInfo(out, infos[0].shape), list(range(len(inputs))), params, compute, func, scope,
+                        base is not None, seed))
     if seen_problems:
         raise MergeError(*seen_problems)
 
+    target = options.target
     by_name = {job.name: job for job in jobs}
     entries = [(job.name, job.out) for job in jobs]
-    names_per_shard = plan_shards(entries, shard_size) if target.is_folder else [[job.name for job in jobs]]
+    names_per_shard = plan_shards(entries, options.shard_size) if target.is_folder else [[job.name for job in jobs]]
     shards = [[(n, by_name[n].out) for n in shard] for shard in names_per_shard]
     ordered = [by_name[n] for shard in names_per_shard for n in shard]
     float_dtypes = {job.out.dtype for job in jobs if job.params is not None}
@@ -688,19 +800,20 @@ def _plan_models(method, models, labels, target, shard_size, device, args, repor
 
     copy_extra = target.is_folder if args.copy_extra_files is None else args.copy_extra_files
     extra: dict[str, str | bytes] = {}
-    donor = models[0]
-    if copy_extra and donor.folder and os.path.realpath(donor.folder) != os.path.realpath(target.folder):
-        for file_name, path in extra_files(donor.folder, skip={target.weights_name or ""}).items():
+    folder = inputs[donor].folder
+    if copy_extra and folder and os.path.realpath(folder) != os.path.realpath(target.folder):
+        for file_name, path in extra_files(folder, skip={target.weights_name or ""}).items():
             extra[file_name] = updated_config(path, out_dtype) if file_name == "config.json" else path
     first_params = next((job.params for job in jobs if job.params is not None), None) or resolve_params(
         method, shared, per_model, "", 0.0)
     metadata = {
         "format": "pt",
         "merge_tool": f"{TOOL} {__version__}",
-        "merge_recipe": json.dumps(recipe(method, labels, shared, per_model, args)),
-        **seed_metadata(method, models, shared, per_model, first_params),
+        "merge_recipe": json.dumps(recipe(method, labels, base.label if base else None, shared, per_model, args,
+                                          options.seed)),
+        **seed_metadata(method, models, per_model, first_params),
     }
-    return Plan(method, models, target, ordered, shards, metadata, extra, device, args.overwrite, args.output)
+    return Plan(method, inputs, target, ordered, shards, metadata, extra, options.device, args.overwrite, args.output)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -736,7 +849,7 @@ class ByteBudget:
 
 def job_blocks(plan: Plan, job: Job) -> list[tuple[int, int]]:
     """Element ranges read at a time: blocks for element-wise work, the whole tensor otherwise."""
-    if job.params is not None and plan.method.scope != methods.ELEMENTWISE:
+    if job.params is not None and job.scope != methods.ELEMENTWISE:
         return [(0, job.out.numel)]
     return list(iter_blocks(job.out.numel, BLOCK))
 
@@ -796,24 +909,35 @@ def _block_bytes(plan: Plan, job: Job, source: int) -> int:
     return max(stop - start, 1) * ITEMSIZE[plan.models[source].infos[job.name].dtype]
 
 
-def merge_block(plan: Plan, job: Job, inputs: list, out) -> None:
-    """Run the method on one block of every input, writing into `out` (a flat tensor of the output dtype)."""
+def merge_block(plan: Plan, job: Job, inputs: list):
+    """The method's output for one block of every input: output dtype for element-wise work,
+    the whole tensor in the compute dtype otherwise (cast while it is written)."""
     import torch
 
     compute = torch_dtype(job.compute)
     device = plan.device
-    if plan.method.scope == methods.ELEMENTWISE:
+    keywords = dict(job.params)
+    if job.seed is not None:
+        keywords["generator"] = torch.Generator().manual_seed(job.seed)
+
+    def call(tensors: list):
+        if job.base:
+            return job.func(tensors[:-1], base=tensors[-1], **keywords)
+        return job.func(tensors, **keywords)
+
+    if job.scope == methods.ELEMENTWISE:
+        out = torch.empty(inputs[0].numel(), dtype=torch_dtype(job.out.dtype), device=device)
         step = methods.CHUNK if device == "cpu" else max(out.numel(), 1)
         for start, stop in methods.chunk_ranges(out.numel(), step):
-            chunk = [x[start:stop].to(device=device, dtype=compute) for x in inputs]
-            out[start:stop] = plan.method.func(chunk, **job.params)
-        return
-    shape = job.out.shape
-    whole = [x.to(device=device, dtype=compute).reshape(shape) for x in inputs]
-    out.copy_(plan.method.func(whole, **job.params).reshape(-1))
+            out[start:stop] = call([x[start:stop].to(device=device, dtype=compute) for x in inputs])
+        return out
+    return call([x.to(device=device, dtype=compute).reshape(job.out.shape) for x in inputs]).reshape(-1)
 
 
 def run_merge(plan: Plan, reporter: Reporter) -> None:
+    import torch
+
+    torch.empty(0)  # finish importing torch here, before the read-ahead thread needs it
     started = time.monotonic()
     writer = StreamingWriter(plan.target, plan.shards, plan.metadata, plan.extra)
     total_bytes = sum(job.out.nbytes for job in plan.jobs)
@@ -849,31 +973,30 @@ def run_merge(plan: Plan, reporter: Reporter) -> None:
 
 
 def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter) -> None:
-    import torch
-
-    for start, stop in job_blocks(plan, job):
+    dtype = torch_dtype(job.out.dtype)
+    for _ in job_blocks(plan, job):
         items = [reader.take() for _ in job.sources]
-        inputs = [tensor for tensor, _ in items]
         try:
-            if job.params is None:
-                out = inputs[0]
-            else:
-                out = torch.empty(stop - start, dtype=torch_dtype(job.out.dtype), device=plan.device)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", methods.MethodWarning)
-                    try:
-                        merge_block(plan, job, inputs, out)
-                    except ValueError as err:
-                        raise MergeError(f"tensor {job.name}: {plan.method.name}: {err}") from None
-                for warning in caught:
-                    message = warning.message
-                    kind = getattr(message, "kind", "method")
-                    reporter.warn(kind, f"tensor {job.name}: {message}")
-                out = out.cpu()
-            writer.write(job.name, out)
+            out = items[0][0] if job.params is None else _merge_reporting(plan, job, [t for t, _ in items], reporter)
+            # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
+            for start, stop in iter_blocks(out.numel(), BLOCK):
+                writer.write(job.name, out[start:stop].to(device="cpu", dtype=dtype))
         finally:
             for _, size in items:
                 reader.budget.release(size)
+
+
+def _merge_reporting(plan: Plan, job: Job, inputs: list, reporter: Reporter):
+    """merge_block, with the method's warnings and math errors reported under the tensor's name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", methods.MethodWarning)
+        try:
+            out = merge_block(plan, job, inputs)
+        except ValueError as err:
+            raise MergeError(f"tensor {job.name}: {plan.method.name}: {err}") from None
+    for warning in caught:
+        reporter.warn(getattr(warning.message, "kind", "method"), f"tensor {job.name}: {warning.message}")
+    return out
 
 
 def _progress(total: int, reporter: Reporter):
@@ -896,6 +1019,21 @@ def _size(count: int) -> str:
 # entry point
 
 
+def _return_freed_buffers_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 4 MiB (its adaptive threshold otherwise climbs to 32 MiB).
+
+    Tensor-sized buffers then get mappings of their own, which go back to the OS when freed, so resident
+    memory follows the tensors alive (measured: 1.16 GB -> 0.89 GB peak for karcher on a 3 x 1 GB job).
+    Chunk temporaries stay below it and keep reusing heap memory.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 4 << 20)  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 
@@ -905,6 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter = Reporter(quiet="--quiet" in arguments)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    _return_freed_buffers_to_the_os()
     try:
         args = parse_args(arguments)
         plan = plan_merge(args, reporter)

@@ -25,18 +25,23 @@ if TYPE_CHECKING:
 
 # Scopes: how the orchestrator may feed a method.
 ELEMENTWISE = "element-wise"  # each output element depends only on the same element of each input: chunked
-WHOLE = "whole-tensor"  # needs reductions over the whole tensor (norms, dot products) before any output
+WHOLE = "whole-tensor"  # needs reductions over the whole tensor (norms, dot products, ranks) first
+MATRIX = "matrix"  # 2-D weights take the method; every other float tensor takes its element-wise fallback
 
-# Base policies.
+# Base policies. A method that uses a base declares a keyword `base` and receives the base tensor.
+REQUIRED = "required"
+OPTIONAL = "optional"
+INPUT = "input"  # the base is one more, equal input, appended after the models (mergekit's karcher)
 UNUSED = "unused"  # a --base is ignored with a warning
 REFUSED = "refused"  # a --base is an error
 
 # Compute dtype rules (what the inputs are cast to before the method sees them).
 FLOAT32 = "float32"  # float32, or float64 when any input is float64
 FIRST = "first"  # the first model's dtype
-INPUT = "input"  # the inputs' promoted dtype, as mergekit computes
+PROMOTED = "promoted"  # the inputs' promoted dtype, as mergekit computes
+BASE = "base"  # the base's dtype (an output rule)
 
-# Output dtype rules (the default when neither --dtype nor a recipe sets one); FIRST and INPUT as above.
+# Output dtype rules (the default when neither --dtype nor a recipe sets one) use the same names.
 
 # Properties that tests derive from the declarations (../shared/spec/decisions.md §10).
 IDENTITY = "identical inputs give that input back"
@@ -134,6 +139,13 @@ class Method:
     properties: frozenset[str]
     check: Callable[[dict], list[tuple[str, str]]] | None  # cross-parameter checks: (param name, problem)
     when: str  # one line on when to use it, for the README
+    random: bool  # takes a keyword `generator`: a torch.Generator seeded for this tensor
+    fallback: Callable[..., Tensor] | None  # MATRIX scope: the element-wise function for other tensors
+    seed_keys: bool  # writes the SafeTensor Model Merger's metadata keys
+
+    @property
+    def uses_base(self) -> bool:
+        return self.base in (REQUIRED, OPTIONAL)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -151,17 +163,29 @@ REGISTRY: dict[str, Method] = {}
 def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[Param] = (),
            base: str = UNUSED, min_models: int = 1, max_models: int | None = None, scope: str = ELEMENTWISE,
            compute: str | Callable[[dict], str] = FLOAT32, output: str = FIRST,
-           properties: Sequence[str] = (), check: Callable[[dict], list[tuple[str, str]]] | None = None):
-    """Declare and register a method; the function itself is returned unchanged."""
+           properties: Sequence[str] = (), check: Callable[[dict], list[tuple[str, str]]] | None = None,
+           random: bool = False, fallback: Callable[..., Tensor] | None = None, seed_keys: bool = False):
+    """Declare and register a method; the function itself is returned unchanged.
+
+    `min_models` and `max_models` count the models besides a REQUIRED or OPTIONAL base. A MATRIX method
+    names its `fallback`, an element-wise function with the same signature.
+    """
 
     def register(func: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        declared = {p.name for p in params}
-        code = func.__code__
-        keywords = set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount])
-        if keywords != declared:
-            raise TypeError(f"method {name}: keyword parameters {sorted(keywords)} differ from the declared {sorted(declared)}")
+        expected = {p.name for p in params} | ({"base"} if base in (REQUIRED, OPTIONAL) else set()) | (
+            {"generator"} if random else set())
+        for function in (func, fallback) if fallback else (func,):
+            code = function.__code__
+            keywords = set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount])
+            if keywords != expected:
+                raise TypeError(f"method {name}: {function.__name__} takes keywords {sorted(keywords)}, "
+                                f"the declaration gives {sorted(expected)}")
+        if (scope == MATRIX) != (fallback is not None):
+            raise TypeError(f"method {name}: a fallback goes with the matrix scope, and only with it")
+        if random and scope == ELEMENTWISE:
+            raise TypeError(f"method {name}: random draws must not depend on chunking; use the whole-tensor scope")
         REGISTRY[name] = Method(name, func, summary, paper, tuple(params), base, min_models, max_models, scope,
-                                compute, output, frozenset(properties), check, when)
+                                compute, output, frozenset(properties), check, when, random, fallback, seed_keys)
         return func
 
     return register
@@ -216,15 +240,14 @@ def gram_matrix(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def combine(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
-    """Σ c_i t_i, summed in float64 chunk by chunk and returned in the tensors' dtype."""
+    """Σ c_i t_i in the tensors' dtype, chunk by chunk (a float64 pass would cost 8x the time)."""
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty_like(flats[0])
     for start, stop in chunk_ranges(out.numel()):
-        acc = torch.zeros(stop - start, dtype=torch.float64)
-        for c, f in zip(coefficients, flats):
-            if c != 0.0:
-                acc += c * f[start:stop].to(torch.float64)
-        out[start:stop] = acc
+        part = out[start:stop]
+        torch.mul(flats[0][start:stop], coefficients[0], out=part)
+        for c, f in zip(coefficients[1:], flats[1:]):
+            part.add_(f[start:stop], alpha=c)
     return out.reshape(tensors[0].shape)
 
 
@@ -234,6 +257,7 @@ def combine(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
 
 @method(
     name="sma",
+    seed_keys=True,
     summary="Simple moving average: the plain mean of the checkpoints.",
     paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
     when="Average the last snapshots of one training run to smooth out noise.",
@@ -250,6 +274,7 @@ def sma(models: Sequence[Tensor]) -> Tensor:
 
 @method(
     name="ema",
+    seed_keys=True,
     summary="Exponential moving average along the series; the last checkpoint weighs most.",
     paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
     when="Smooth a series of snapshots in order, favouring the most recent.",
@@ -269,6 +294,7 @@ def ema(models: Sequence[Tensor], *, alpha: float) -> Tensor:
 
 @method(
     name="wma",
+    seed_keys=True,
     summary="Weighted moving average; by default the weights fall linearly from the first checkpoint (N, ..., 1).",
     paper="SafeTensor Model Merger (marduk191/diffusion_model_pretraining_merge)",
     when="Average a series with weights of your choice (default: the first checkpoint weighs most).",
@@ -300,7 +326,7 @@ def wma(models: Sequence[Tensor], *, weight: Sequence[float]) -> Tensor:
             Param("normalize", default=True, kind=bool, help="divide by the sum of the weights")],
     check=lambda p: ([("weight", "sum to 0 (use --no-normalize to add the models up)")]
                      if p["normalize"] and math.fsum(p["weight"]) == 0 else []),
-    output=INPUT,
+    output=PROMOTED,
     properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
 )
 def linear(models: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
@@ -321,8 +347,8 @@ def linear(models: Sequence[Tensor], *, weight: Sequence[float], normalize: bool
     min_models=1,
     max_models=1,
     params=[Param("scale", per_model=True, help="multiply every tensor by this factor")],
-    compute=INPUT,
-    output=INPUT,
+    compute=PROMOTED,
+    output=PROMOTED,
     properties=[IDENTITY, HOMOGENEOUS],
 )
 def passthrough(models: Sequence[Tensor], *, scale: Sequence[float | None]) -> Tensor:
@@ -334,6 +360,7 @@ def passthrough(models: Sequence[Tensor], *, scale: Sequence[float | None]) -> T
 
 
 def karcher_compute(params: dict) -> str:
+    """float32 (`--karcher-compute native`: the first model's dtype)"""
     return FIRST if params["compute"] == "native" else FLOAT32
 
 

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Time and memory of merges on a model family made on the spot, next to the I/O floor.
+
+    python bench/bench.py                          # 1 GB fp32 Llama-shaped family, the default methods
+    python bench/bench.py --methods linear,karcher --size-gb 0.25 --dtype bfloat16
+
+For each method it prints our wall time and peak RSS, the I/O floor of the same job (read every input,
+write an output-sized file with fsync, page cache warm), the ratio (wall - bare import) / floor, and the
+memory bound (bare import + (models + 2) x largest tensor + 300 MB). Figures only: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MERGE = ROOT / "merge.py"
+DEFAULT_METHODS = "linear,sma,ema,wma,karcher,passthrough"
+
+
+def llama_family(folder: Path, size_gb: float, fine_tunes: int, dtype: str) -> list[Path]:
+    """A base and fine-tunes (base + small noise), Llama-shaped, saved as 2-shard Hugging Face folders."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter, vocab = 1024, 2816, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
+    layers = max(1, round((size_gb * 1e9 / itemsize - 2 * vocab * hidden - hidden) / per_layer))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for k in range(layers):
+        p = f"model.layers.{k}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": vocab, "torch_dtype": dtype, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 2048, "tie_word_embeddings": False}
+    names = list(shapes)
+    half = len(names) // 2
+    paths = []
+    generator = torch.Generator().manual_seed(0)
+    for index in range(fine_tunes + 1):
+        path = folder / ("base" if index == 0 else f"ft{index}")
+        paths.append(path)
+        if (path / "model.safetensors.index.json").exists():
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        weight_map = {}
+        for shard, part in enumerate((names[:half], names[half:]), start=1):
+            tensors = {}
+            for name in part:
+                base_gen = torch.Generator().manual_seed(hash(name) % (2**31))
+                value = torch.randn(shapes[name], generator=base_gen) * 0.02
+                if index:
+                    value += torch.randn(shapes[name], generator=generator) * 0.002
+                tensors[name] = value.to(getattr(torch, dtype))
+            file_name = f"model-{shard:05d}-of-00002.safetensors"
+            save_file(tensors, str(path / file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, file_name))
+            del tensors
+        total = sum(os.path.getsize(path / f) for f in set(weight_map.values()))
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return paths
+
+
+def weight_files(paths: list[Path]) -> list[Path]:
+    return [f for p in paths for f in sorted(p.glob("*.safetensors"))]
+
+
+def read_all(files: list[Path]) -> int:
+    total = 0
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    for f in files:
+        with open(f, "rb", buffering=0) as handle:
+            while count := handle.readinto(view):
+                total += count
+    return total
+
+
+def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Seconds to read every input and write (and fsync) an output of the same size."""
+    started = time.perf_counter()
+    read_all(inputs)
+    chunk = bytes(64 << 20)
+    target = scratch / "floor.bin"
+    with open(target, "wb", buffering=0) as handle:
+        left = out_bytes
+        while left > 0:
+            left -= handle.write(chunk[: min(left, len(chunk))])
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - started
+    target.unlink()
+    return seconds
+
+
+def timed(command: list[str]) -> tuple[float, int, int, str]:
+    """Wall seconds, peak RSS in bytes (the child's maximum resident set), exit code, stderr tail."""
+    wrapper = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []
+    started = time.perf_counter()
+    done = subprocess.run(wrapper + command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if wrapper:
+        *rest, last = done.stderr.strip().splitlines() or ["0"]
+        peak = int(last) * 1024 if last.isdigit() else 0
+        err = "\n".join(rest)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        err = done.stderr
+    return seconds, peak, done.returncode, err[-500:]
+
+
+def largest_tensor(paths: list[Path]) -> int:
+    sys.path.insert(0, str(ROOT))
+    from io_utils import open_model
+
+    model = open_model(str(paths[0]), str(paths[0]), lambda kind, message: None)
+    largest = max(info.numel for info in model.infos.values())
+    model.close()
+    return largest
+
+
+def method_args(name: str, paths: list[Path]) -> list[str]:
+    base, tunes = paths[0], paths[1:]
+    if name == "passthrough":
+        return ["--models", str(base)]
+    return ["--models", *map(str, tunes)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--size-gb", type=float, default=1.0, help="size of each model")
+    parser.add_argument("--fine-tunes", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--workdir", type=Path, default=None, help="where the family is kept (default: a temp folder)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    need = args.size_gb * 1e9 * (args.fine_tunes + 1) * 1.1 + 2 * args.size_gb * 1e9
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        sys.exit(f"bench: {workdir} has {free / 1e9:.1f} GB free; this bench needs {need / 1e9:.1f} GB")
+
+    started = time.perf_counter()
+    paths = llama_family(workdir / f"family-{args.dtype}-{args.size_gb:g}", args.size_gb, args.fine_tunes, args.dtype)
+    print(f"family: {len(paths)} models of {sum(f.stat().st_size for f in weight_files(paths[:1])) / 1e9:.2f} GB "
+          f"({args.dtype}) in {workdir} (made or found in {time.perf_counter() - started:.0f} s)")
+    read_all(weight_files(paths))  # warm the page cache, as the floor is defined
+
+    bare_s, bare_rss, _, _ = timed([sys.executable, "-c", "import torch, safetensors"])
+    largest = largest_tensor(paths)
+    print(f"machine: {os.cpu_count()} cores; bare `import torch, safetensors`: {bare_s:.2f} s, {bare_rss / 1e6:.0f} MB RSS")
+    print(f"largest tensor: {largest / 1e6:.1f} M elements\n")
+    header = f"{'method':<14}{'models':>7}{'wall s':>9}{'floor s':>9}{'ratio':>8}{'raw':>7}{'peak MB':>10}{'bound MB':>10}"
+    print(header)
+    print("-" * len(header))
+    out = workdir / "out"
+    for name in args.methods.split(","):
+        arguments = method_args(name, paths)
+        inputs = [Path(a) for a in arguments[1:]]
+        out_file = out / f"{name}.safetensors"
+        if out_file.exists():
+            out_file.unlink()
+        command = [sys.executable, str(MERGE), "--method", name, *arguments, "--output", str(out_file),
+                   "--quiet", "--device", args.device]
+        wall, peak, code, err = timed(command)
+        if code != 0:
+            print(f"{name:<14} failed ({code}): {err}")
+            continue
+        out_bytes = out_file.stat().st_size
+        floor = io_floor(weight_files(inputs), out_bytes, out)
+        compute_width = 4 if args.dtype == "float32" else 4  # seed and linear methods compute in float32
+        bound = bare_rss + (len(inputs) + 2) * largest * compute_width + 300e6
+        print(f"{name:<14}{len(inputs):>7}{wall:>9.2f}{floor:>9.2f}{(wall - bare_s) / floor:>8.2f}"
+              f"{wall / floor:>7.2f}{peak / 1e6:>10.0f}{bound / 1e6:>10.0f}")
+        out_file.unlink()
+
+
+if __name__ == "__main__":
+    main()
