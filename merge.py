@@ -25,7 +25,7 @@ import traceback
 import types
 import warnings
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 TOOL = "merge-models"
@@ -73,7 +73,7 @@ _defer_import("torch")
 import methods  # noqa: E402  (after the deferral above)
 from io_utils import (  # noqa: E402
     ITEMSIZE, MergeError, Model, OutputLock, OutputTarget, StreamingWriter, TensorInfo, dtype_name,
-    existing_weights, extra_files, iter_blocks, open_model, output_target, parse_size, plan_shards,
+    existing_weights, extra_files, has_glob, iter_blocks, open_model, output_target, parse_size, plan_shards,
     resolve_input, torch_dtype,
 )
 
@@ -156,6 +156,11 @@ def build_parser() -> Parser:
         epilog=f"methods:\n{names}\n\nexit codes: 0 success, 2 bad input or environment, 130 interrupted, 1 internal error",
     )
     parser.add_argument("--method", metavar="NAME", help="merge method (see below)")
+    parser.add_argument("--config", metavar="RECIPE", help="a mergekit YAML recipe (or an output of ours, to repeat it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe (YAML) and exit")
+    parser.add_argument("--allow-unknown-keys", action="store_true", help="warn about unknown recipe keys instead of failing")
+    parser.add_argument("--unsafe-truncate-embeddings", action="store_true",
+                        help="merge embeddings of different vocabulary sizes over their common first rows")
     parser.add_argument("--models", nargs="+", metavar="PATH",
                         help="checkpoints: files, model folders, folders of checkpoints (sorted by name), globs")
     parser.add_argument("--base", metavar="PATH", help="base model, for methods that use one")
@@ -203,10 +208,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         guess = methods.closest_names(flag.split("=")[0], known) if flag.startswith("-") else []
         hint = f"; did you mean {guess[0]}?" if guess else ""
         raise MergeError(f"unrecognized argument {flag}{hint}")
-    if not args.method:
-        raise MergeError("--method is required (see --help for the list)")
-    if not args.models:
-        raise MergeError("--models is required: one or more checkpoints")
     return args
 
 
@@ -235,18 +236,18 @@ UNSET = object()
 
 
 def evaluate(setting, name: str, t: float):
-    """The value a setting takes for tensor `name` at layer position t in [0, 1]."""
+    """The value a setting takes for tensor `name` at layer position t in [0, 1] (mergekit's rules)."""
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
         for entry in setting:
             pattern = entry.get("filter")
-            if pattern is None or pattern == "*" or pattern in name:
+            if pattern is None or pattern == "*" or (name and pattern in name):
                 return evaluate(entry["value"], name, t)
         return UNSET
     if isinstance(setting, list):
-        if len(setting) == 1:
-            return setting[0]
+        if not setting:
+            return UNSET
         position = t * (len(setting) - 1)
         if any(isinstance(v, (bool, str)) for v in setting):
             return setting[int(position)]
@@ -267,6 +268,7 @@ def scalars(setting) -> list:
 
 
 LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+PRE_LAYER = re.compile(r"embed|wte|wpe|tok_embeddings")  # mergekit's "pre-layer" weights; all other non-layer are post
 
 
 def layer_counts(names: Sequence[str]) -> dict[str, int]:
@@ -289,7 +291,359 @@ def layer_position(name: str, counts: dict[str, int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# planning
+# recipes: what to merge, from the flags or from a mergekit YAML file, in one shape
+
+
+@dataclass
+class Source:
+    """One model's place in a merge: the path as written, its own settings, its layers within a slice."""
+
+    path: str
+    settings: dict = field(default_factory=dict)
+    layers: tuple[int, int] | None = None
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    settings: dict = field(default_factory=dict)
+    base: str | None = None
+
+
+@dataclass
+class Recipe:
+    method: methods.Method
+    slices: list[Slice]  # the `models:` form is one slice whose sources have no layer ranges
+    base: str | None = None
+    settings: dict = field(default_factory=dict)  # the top-level `parameters:`
+    dtype: str | None = None
+    out_dtype: str | None = None
+    seed: int | None = None
+    sliced: bool = False  # written with `slices:`: output layers are renumbered
+    from_config: bool = False  # messages name recipe keys rather than flags
+
+
+RECIPE_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed"}
+UNSUPPORTED_KEYS = {
+    "modules": "use models: or slices:",
+    "tokenizer_source": "vocabulary alignment is not supported yet; give models with the same vocabulary",
+    "tokenizer": "vocabulary alignment is not supported yet; give models with the same vocabulary",
+    "chat_template": "copy the chat template into tokenizer_config.json yourself",
+}
+
+
+def load_config(path: str) -> dict:
+    """A mergekit YAML recipe, or the recipe stored in an output of ours (a .safetensors file or folder)."""
+    import yaml
+
+    weights = path if path.endswith(".safetensors") else None
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        weights = os.path.join(path, found[0]) if found else None
+        if weights is None:
+            raise MergeError(f"--config {path}: this folder holds no output of {TOOL} to repeat")
+    if weights:
+        from io_utils import SafetensorsFile
+
+        f = SafetensorsFile(weights)
+        f.close()
+        if "merge_recipe" not in f.metadata:
+            raise MergeError(f"--config {path}: this file holds no merge recipe")
+        return json.loads(f.metadata["merge_recipe"])
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise MergeError(f"--config {path}: no such file") from None
+    except OSError as err:
+        raise MergeError(f"--config {path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise MergeError(f"--config {path}: not valid YAML{line} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"--config {path}: a recipe is a YAML mapping with merge_method and models or slices")
+    return data
+
+
+def check_model_reference(text, where: str) -> list[str]:
+    if not isinstance(text, str) or not text:
+        return [f"{where}: a model is a path (got {text!r})"]
+    if "@" in text or "+" in text:
+        return [f"{where}: {text}: revisions (@) and LoRA adapters (+) are not supported; give a local folder"]
+    if not os.path.exists(text) and not has_glob(text) and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return [f"{where}: {text}: not found here; {TOOL} never downloads, so give the path of a local copy"]
+    return []
+
+
+def config_settings(method: methods.Method, raw, where: str, level: str) -> tuple[dict, list[str]]:
+    """A `parameters:` mapping, checked: known names, per-model names at model level, well-formed values."""
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        return {}, [f"{where}: parameters must be a mapping of names to values"]
+    settings, problems = {}, []
+    by_key = {p.key: p for p in method.params}
+    for key, value in raw.items():
+        p = by_key.get(key)
+        if p is None:
+            known = ", ".join(sorted(by_key)) or "none"
+            note = "; mergekit removed embed_slerp in 2024 (PR #334)" if key == "embed_slerp" else ""
+            guess = methods.closest_names(str(key), list(by_key))
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            problems.append(f"{where}: unknown parameter {key}{hint}: {method.name} takes {known}{note}")
+            continue
+        if level == "model" and not p.per_model:
+            problems.append(f"{where}: {key} is shared by all models; move it to parameters:")
+            continue
+        value, problem = normalised_setting(p, value)
+        if problem:
+            problems.append(f"{where}: {key}: {problem}")
+            continue
+        settings[p.name] = value
+    return settings, problems
+
+
+def normalised_setting(p: methods.Param, setting):
+    """The setting with each scalar coerced to the parameter's type ('1e-5' is a number, as mergekit reads
+    it), or a problem."""
+
+    def scalar(value):
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"unexpected {type(value).__name__} where a value belongs")
+        if p.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false (got {value!r})")
+            return value
+        if p.kind is str:
+            return str(value)
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number (got {value})")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number (got {value!r})") from None
+        return int(number) if p.kind is int and number == int(number) else number
+
+    def walk(value, top: bool):
+        if isinstance(value, dict):
+            if not top or "value" not in value or set(value) - {"filter", "value"}:
+                raise ValueError("a conditional entry is {filter: text, value: setting}")
+            if value.get("filter") is not None and not isinstance(value["filter"], str):
+                raise ValueError("a filter is text")
+            return {**value, "value": walk(value["value"], False)}
+        if isinstance(value, list):
+            if top and value and all(isinstance(e, dict) for e in value):
+                return [walk(e, True) for e in value]
+            return [scalar(e) for e in value]
+        return scalar(value)
+
+    try:
+        return walk(setting, True), None
+    except ValueError as err:
+        return None, str(err)
+
+
+def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter) -> Recipe:
+    """A mergekit YAML recipe as given: every key checked, all problems reported together."""
+    problems = []
+    unknown = [k for k in data if k not in RECIPE_KEYS]
+    for key in unknown:
+        reason = UNSUPPORTED_KEYS.get(key)
+        if reason:
+            problems.append(f"recipe key {key} is not supported: {reason}")
+        elif args.allow_unknown_keys:
+            reporter.warn("recipe-key", f"recipe key {key} is not used by {TOOL}; ignored")
+        else:
+            problems.append(f"unknown recipe key {key} (--allow-unknown-keys ignores it)")
+    if not isinstance(data.get("merge_method"), str):
+        raise MergeError(*problems, "the recipe needs merge_method: NAME")
+    method = find_method(data["merge_method"])
+    if ("models" in data) == ("slices" in data):
+        problems.append("the recipe needs exactly one of models: and slices:")
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in DTYPE_CHOICES:
+            problems.append(f"{key}: {data[key]!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        problems.append(f"seed must be an integer (got {seed!r})")
+    base = data.get("base_model")
+    if base is not None:
+        problems += check_model_reference(base, "base_model")
+    settings, found = config_settings(method, data.get("parameters"), "parameters", "top")
+    problems += found
+    slices = []
+    if isinstance(data.get("models"), list) and data["models"]:
+        sources = []
+        for i, entry in enumerate(data["models"]):
+            source, found = config_source(method, entry, f"models[{i}]", with_layers=False)
+            problems += found
+            if source:
+                sources.append(source)
+        slices.append(Slice(sources))
+    elif "models" in data:
+        problems.append("models: must be a list of {model: PATH, parameters: {...}}")
+    if isinstance(data.get("slices"), list) and data["slices"]:
+        for i, entry in enumerate(data["slices"]):
+            where = f"slices[{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+                problems.append(f"{where}: a slice is {{sources: [{{model, layer_range}}, ...]}}")
+                continue
+            for key in set(entry) - {"sources", "base_model", "parameters", "residual_weight"}:
+                problems.append(f"{where}: unknown key {key}")
+            if "residual_weight" in entry:
+                reporter.warn("residual", f"{where}: residual_weight is ignored (mergekit does not use it either)")
+            slice_settings, found = config_settings(method, entry.get("parameters"), f"{where}.parameters", "slice")
+            problems += found
+            sources = []
+            for j, raw in enumerate(entry["sources"]):
+                source, found = config_source(method, raw, f"{where}.sources[{j}]", with_layers=True)
+                problems += found
+                if source:
+                    sources.append(source)
+            if entry.get("base_model") is not None:
+                problems += check_model_reference(entry["base_model"], f"{where}.base_model")
+            slices.append(Slice(sources, slice_settings, entry.get("base_model")))
+    elif "slices" in data:
+        problems.append("slices: must be a list of slices")
+    if problems:
+        raise MergeError(*problems)
+    return Recipe(method, slices, base, settings, data.get("dtype"), data.get("out_dtype"), seed,
+                  sliced="slices" in data, from_config=True)
+
+
+def config_source(method: methods.Method, entry, where: str, with_layers: bool) -> tuple[Source | None, list[str]]:
+    keys = {"model", "parameters"} | ({"layer_range"} if with_layers else set())
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        return None, [f"{where}: needs model: PATH"]
+    problems = [f"{where}: unknown key {k}" for k in entry if k not in keys]
+    problems += check_model_reference(entry["model"], where)
+    settings, found = config_settings(method, entry.get("parameters"), f"{where} ({entry['model']})", "model")
+    problems += found
+    layers = None
+    if with_layers:
+        span = entry.get("layer_range")
+        if (not isinstance(span, list) or len(span) != 2 or not all(type(n) is int for n in span)
+                or not 0 <= span[0] < span[1]):
+            problems.append(f"{where}: layer_range must be [start, end) with 0 <= start < end (got {span!r})")
+        else:
+            layers = (span[0], span[1])
+    return Source(entry["model"], settings, layers), problems
+
+
+def recipe_from_args(method: methods.Method, args: argparse.Namespace, reporter: Reporter) -> Recipe:
+    """The recipe the flags describe: folders of checkpoints and globs expand into their files here."""
+    paths = expand_inputs(args.models, args.sort == "natural", reporter)
+    base = args.base if method.base not in (methods.UNUSED, methods.REFUSED) else None
+    if base is not None and resolve_input(base, natural=False) is not None:
+        raise MergeError(f"--base {base}: give one model, not a folder of checkpoints")
+    recipe = Recipe(method, [Slice([Source(p) for p in paths])], base, dtype=args.compute_dtype,
+                    out_dtype=args.dtype, seed=args.seed)
+    apply_flags(recipe, args)
+    return recipe
+
+
+def expand_inputs(paths: Sequence[str], natural: bool, reporter: Reporter) -> list[str]:
+    """Every model path the arguments stand for, in merge order; the order of an expansion is printed."""
+    problems, found = [], []
+    for path in paths:
+        try:
+            expanded = resolve_input(path, natural)
+        except MergeError as err:
+            problems.extend(err.lines)
+            continue
+        if expanded is None:
+            found.append(path)
+            continue
+        if not expanded:
+            problems.append(f"{path}: no checkpoints in this folder")
+            continue
+        found.extend(expanded)
+        names = [os.path.basename(p.rstrip("/")) for p in expanded]
+        widths = {len(n) for part in names for n in re.findall(r"\d+", part)}
+        if not natural and len(widths) > 1:
+            reporter.warn("order", f"{path}: checkpoint names hold numbers of different widths, so code-point "
+                                   f"order may not be training order; --sort natural orders them by number")
+        reporter.note(f"{path}: {len(expanded)} checkpoints, in this order: " + ", ".join(names))
+    if problems:
+        raise MergeError(*problems)
+    return found
+
+
+def apply_flags(recipe: Recipe, args: argparse.Namespace) -> None:
+    """Parameter flags: on the plain CLI they make the settings; with --config each one replaces every
+    setting of its parameter in the recipe (all levels and filters)."""
+    method = recipe.method
+    problems = []
+    models = [s for piece in recipe.slices for s in piece.sources]
+    count = len(recipe.slices[0].sources) if not recipe.sliced else 1
+    for p in method.params:
+        raw = getattr(args, _dest(p.cli_flag))
+        if raw is None:
+            continue
+        if p.kind in (bool, str):
+            values = [raw]
+        else:
+            flag = spelled(p, args)
+            texts = split_values(raw)
+            if not texts:
+                continue
+            try:
+                values = [parse_number(v, flag, method.name, p.kind) for v in texts]
+            except MergeError as err:
+                problems.extend(err.lines)
+                continue
+        recipe.settings.pop(p.name, None)
+        for piece in recipe.slices:
+            piece.settings.pop(p.name, None)
+        for source in models:
+            source.settings.pop(p.name, None)
+        if not p.per_model:
+            recipe.settings[p.name] = values[0] if len(values) == 1 else values
+        elif len(values) == 1:
+            for source in models:
+                source.settings[p.name] = values[0]
+        elif len(values) == count:
+            for source, value in zip(recipe.slices[0].sources, values):
+                source.settings[p.name] = value
+        else:
+            where = "models" if not recipe.sliced else "models (one value for all with slices:)"
+            problems.append(f"{method.name}: {spelled(p, args)} has {len(values)} values for {count} {where}")
+    if problems:
+        raise MergeError(*problems)
+
+
+def range_problems(recipe: Recipe, args: argparse.Namespace) -> list[str]:
+    """Every value in every setting checked against its parameter's declared range."""
+    method = recipe.method
+    problems = []
+
+    def check(p: methods.Param, setting, where: str) -> None:
+        name = p.key if recipe.from_config else spelled(p, args)
+        for value in scalars(setting):
+            problem = p.problem(value)
+            line = f"{method.name}: {name} {problem}{where}"
+            if problem and line not in problems:
+                problems.append(line)
+
+    for p in method.params:
+        if p.name in recipe.settings:
+            check(p, recipe.settings[p.name], "")
+        for piece in recipe.slices:
+            if p.name in piece.settings:
+                check(p, piece.settings[p.name], "")
+            for i, source in enumerate(piece.sources):
+                if p.name in source.settings:
+                    multiple = len(piece.sources) > 1 and not recipe.from_config
+                    where = f" for model {i + 1}" if multiple else f" (model {source.path})" if recipe.from_config else ""
+                    check(p, source.settings[p.name], where)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning: models opened (headers only), every output tensor decided, every check done
 
 
 @dataclass
@@ -298,19 +652,19 @@ class Job:
 
     name: str
     out: TensorInfo  # dtype and shape written
-    sources: list[int]  # indices into Plan.models that are read; with `base`, the base is the last
-    params: dict | None = None  # resolved method parameters; None copies sources[0] through unchanged
+    reads: list[tuple[int, str]]  # (index into Plan.models, tensor name there); with `base`, the base is last
+    params: dict | None = None  # resolved method parameters; None copies reads[0] through unchanged
     compute: str | None = None  # compute dtype name
     func: Callable | None = None  # the method's function, or its element-wise fallback
     scope: str = methods.ELEMENTWISE  # how `func` is fed: chunks, or whole tensors
-    base: bool = False  # pass the last source as `base=`
+    base: bool = False  # pass the last input as `base=`
     seed: int | None = None  # the seed of this tensor's generator, for random methods
 
 
 @dataclass
 class Plan:
     method: methods.Method
-    models: list[Model]  # every input opened, the base last when there is one
+    models: list[Model]  # every model opened once
     target: OutputTarget
     jobs: list[Job]
     shards: list[list[tuple[str, TensorInfo]]]
@@ -319,6 +673,19 @@ class Plan:
     device: str
     overwrite: bool
     output_label: str
+    recipe: dict  # the resolved recipe, as stored in the output
+
+
+@dataclass
+class Group:
+    """The models merged together for some output tensors: one per slice (one in all without slices)."""
+
+    sources: list[int]  # indices into the opened models, in merge order; the base last when `base`
+    settings: list[dict]  # each source's own settings
+    slice_settings: dict
+    layers: list[tuple[int, int] | None]
+    base: bool
+    donor: int  # position in sources of the model that gives non-float tensors and extra files
 
 
 def parse_number(text: str, flag: str, method_name: str, kind: type) -> float:
@@ -364,142 +731,346 @@ def flag_problems(method: methods.Method, args: argparse.Namespace) -> list[str]
     return problems
 
 
-def cli_settings(method: methods.Method, args: argparse.Namespace, count: int) -> tuple[dict, list[dict], list[str]]:
-    """Global and per-model settings from the flags, and the problems found in them."""
-    shared: dict[str, object] = {}
-    per_model: list[dict[str, object]] = [{} for _ in range(count)]
-    problems = []
-    for p in method.params:
-        raw = getattr(args, _dest(p.cli_flag))
-        if raw is None:
-            continue
-        if p.kind in (bool, str):
-            shared[p.name] = raw
-            continue
-        values = split_values(raw)
-        if not values:
-            continue
-        flag = spelled(p, args)
-        try:
-            numbers = [parse_number(v, flag, method.name, p.kind) for v in values]
-        except MergeError as err:
-            problems.extend(err.lines)
-            continue
-        if p.per_model:
-            if len(numbers) not in (1, count):
-                problems.append(f"{method.name}: {flag} has {len(numbers)} values for {count} models")
-                continue
-            for i in range(count):
-                per_model[i][p.name] = numbers[0] if len(numbers) == 1 else numbers[i]
-        else:
-            shared[p.name] = numbers[0] if len(numbers) == 1 else numbers
-    for p in method.params:
-        flag = spelled(p, args)
-        if p.per_model:
-            problems += [f"{method.name}: {flag} {problem}" + (f" for model {i + 1}" if count > 1 else "")
-                         for i, settings in enumerate(per_model) if p.name in settings
-                         for v in scalars(settings[p.name]) if (problem := p.problem(v))]
-        elif p.name in shared:
-            problems += [f"{method.name}: {flag} {problem}" for v in scalars(shared[p.name])
-                         if (problem := p.problem(v))]
-    return shared, per_model, problems
-
-
-def resolve_params(method: methods.Method, shared: dict, per_model: list[dict], name: str, t: float) -> dict:
-    """Every parameter's value for one tensor: a model's own setting, else the global one, else the default."""
-    resolved = {}
-    count = len(per_model)
-    for p in method.params:
-        if p.per_model:
-            defaults = p.default(count) if callable(p.default) else [p.default] * count
-            values = []
-            for i in range(count):
-                value = UNSET
-                for level in (per_model[i], shared):
-                    if p.name in level:
-                        value = evaluate(level[p.name], name, t)
-                        if value is not UNSET:
-                            break
-                values.append(defaults[i] if value is UNSET else value)
-            resolved[p.name] = values
-        else:
-            value = evaluate(shared[p.name], name, t) if p.name in shared else UNSET
-            resolved[p.name] = p.default if value is UNSET else value
-    return resolved
-
-
-def open_inputs(paths: Sequence[str], natural: bool, reporter: Reporter) -> tuple[list[Model], list[str]]:
-    """Open every model (headers only); all failures are reported together."""
-    problems, specs = [], []
+def open_models(recipe: Recipe, reporter: Reporter) -> tuple[list[Model], dict[str, int]]:
+    """Every model of the recipe opened once (headers only); all failures reported together."""
+    paths = [s.path for piece in recipe.slices for s in piece.sources]
+    paths += [p for p in [recipe.base] + [piece.base for piece in recipe.slices] if p]
+    models, index, problems = [], {}, []
     for path in paths:
+        if path in index:
+            continue
         try:
-            expanded = resolve_input(path, natural)
+            model = open_model(path, path, reporter.warn)
         except MergeError as err:
             problems.extend(err.lines)
+            index[path] = -1
             continue
-        if expanded is None:
-            specs.append((path, path))
+        twin = next((i for i, m in enumerate(models) if _identity(m) == _identity(model)), None)
+        if twin is not None:
+            model.close()
+            index[path] = twin
             continue
-        if not expanded:
-            problems.append(f"{path}: no checkpoints in this folder")
-            continue
-        specs.extend((p, p) for p in expanded)
-        names = [os.path.basename(p.rstrip("/")) for p in expanded]
-        widths = {len(n) for part in names for n in re.findall(r"\d+", part)}
-        if not natural and len(widths) > 1:
-            reporter.warn("order", f"{path}: checkpoint names hold numbers of different widths, so code-point "
-                                   f"order may not be training order; --sort natural orders them by number")
-        reporter.note(f"{path}: {len(expanded)} checkpoints, in this order: " + ", ".join(names))
-    models = []
-    for path, label in specs:
-        try:
-            models.append(open_model(path, label, reporter.warn))
-        except MergeError as err:
-            problems.extend(err.lines)
-    seen: dict[str, str] = {}
-    for model in models:
-        key = os.path.realpath(model.paths[0]) if len(model.files) == 1 else os.path.realpath(model.folder)
-        if key in seen:
-            problems.append(f"{model.label}: the same model is given twice (also as {seen[key]})")
-        seen.setdefault(key, model.label)
+        index[path] = len(models)
+        models.append(model)
     if problems:
         for model in models:
             model.close()
         raise MergeError(*problems)
-    return models, [m.label for m in models]
+    return models, index
 
 
-def check_keys(models: list[Model], skip_missing: bool, reporter: Reporter) -> list[str]:
-    """Names to write, in the first model's storage order; missing tensors are an error unless skipped."""
+def _identity(model: Model) -> str:
+    return os.path.realpath(model.paths[0] if len(model.files) == 1 else model.folder)
+
+
+def build_groups(recipe: Recipe, models: list[Model], index: dict[str, int], reporter: Reporter) -> list[Group]:
+    """Each slice's models in merge order, with the base placed as the method's base policy says."""
+    method = recipe.method
+    groups, problems = [], []
+    for number, piece in enumerate(recipe.slices):
+        where = f"slices[{number}]: " if recipe.sliced else ""
+        sources = list(piece.sources)
+        positions = [index[s.path] for s in sources]
+        if not recipe.sliced:
+            seen: dict[int, str] = {}
+            for source, position in zip(sources, positions):
+                if position in seen:
+                    problems.append(f"{source.path}: the same model is given twice (also as {seen[position]})")
+                seen.setdefault(position, source.path)
+        base_path = piece.base or recipe.base
+        base_at = None
+        if base_path is not None and method.base != methods.REFUSED:
+            base_position = index[base_path]
+            listed = [i for i, p in enumerate(positions) if p == base_position]
+            if listed:
+                base_at = listed[0]
+            elif recipe.sliced:
+                problems.append(f"{where}base_model {base_path} is not one of the slice's sources")
+                continue
+            elif method.base == methods.UNUSED and not recipe.from_config:
+                pass  # the flag was warned about and ignored
+            else:
+                if method.base == methods.UNUSED:
+                    reporter.warn("base-input", f"base_model {base_path} is merged as one more input, as mergekit "
+                                                f"does: {method.name} does not use a base")
+                sources.append(Source(base_path))
+                positions.append(base_position)
+                base_at = len(sources) - 1
+        elif base_path is not None:
+            problems.append(f"{method.name} takes no base model")
+        uses_base = method.uses_base and base_at is not None
+        if uses_base:
+            ignored = [p.key for p in method.params if p.per_model and p.name in sources[base_at].settings]
+            if ignored:
+                reporter.warn("base-params", f"{', '.join(ignored)} given for the base model {base_path} "
+                                             "is ignored (the base is not merged with a weight)")
+            sources.append(sources.pop(base_at))
+            positions.append(positions.pop(base_at))
+        elif method.base == methods.REQUIRED:
+            problems.append(f"{where}{method.name} needs a base model: give it with --base PATH (base_model: in a recipe)")
+            continue
+        labels = [s.path for s in sources[:-1]] if uses_base else [s.path for s in sources]
+        problem = count_problem(method, labels)
+        if problem:
+            problems.append(where + problem)
+            continue
+        donor = len(sources) - 1 if uses_base or (base_at is not None and method.base == methods.INPUT) else 0
+        groups.append(Group(positions, [s.settings for s in sources], piece.settings,
+                            [s.layers for s in sources], uses_base, donor))
+    if problems:
+        raise MergeError(*problems)
+    return groups
+
+
+def count_problem(method: methods.Method, labels: list[str]) -> str | None:
+    count = len(labels)
+    low, high = method.min_models, method.max_models
+    if low <= count and (high is None or count <= high):
+        return None
+    span = f"exactly {low}" if high == low else f"{low} to {high}" if high is not None else f"at least {low}"
+    found = ", ".join(labels[:3]) + (", ..." if count > 3 else "")
+    hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
+    return f"{method.name} needs {span} models, found {count} ({found}){hint}"
+
+
+HEADS = {"lm_head.weight", "embed_out.weight"}
+EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
+
+
+def group_names(models: list[Model], skip_missing: bool, reporter: Reporter) -> dict[str, list[str]]:
+    """Output name -> the name read from each model, in the first model's storage order.
+
+    Missing tensors are an error unless skipped. A tied model that lacks the output head contributes its
+    input embedding there (mergekit's fallback); when no model has a head, none is written.
+    """
     order = models[0].storage_order()
-    shared = set(order)
-    for m in models[1:]:
-        shared &= set(m.infos)
     union = set().union(*(m.infos for m in models))
-    missing = sorted(union - shared)
+    stand_ins = {}
+    for head in HEADS & union:
+        for m in models:
+            if head not in m.infos:
+                embedding = next((n for n in m.infos if EMBEDDING.search(n)), None)
+                if embedding is not None:
+                    stand_ins[(id(m), head)] = embedding
+    reads, missing = {}, []
+    for name in sorted(union, key=lambda n: (order.index(n) if n in models[0].infos else len(order), n)):
+        names = [name if name in m.infos else stand_ins.get((id(m), name)) for m in models]
+        if None in names:
+            missing.append(name)
+        else:
+            reads[name] = names
     if missing:
-        holes = [f"{name} (missing in {', '.join(m.label for m in models if name not in m.infos)})" for name in missing[:3]]
+        holes = [f"{n} (missing in {', '.join(m.label for m in models if n not in m.infos)})" for n in missing[:3]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         if not skip_missing:
             raise MergeError(f"{len(missing)} tensors are not in every model: {'; '.join(holes)}{more}; "
-                             f"--skip-missing merges the {len(shared)} shared tensors")
+                             f"--skip-missing merges the {len(reads)} shared tensors")
         reporter.warn("missing", f"skipped {len(missing)} tensors that are not in every model: {'; '.join(holes)}{more}")
-    return [name for name in order if name in shared]
+    for head in HEADS:
+        users = [m.label for m in models if (id(m), head) in stand_ins]
+        if users and head in reads:
+            reporter.warn("tied", f"{', '.join(users)} has no {head} (tied embeddings): its input embedding "
+                                  "stands in for it")
+    return reads
 
 
-def check_shapes(models: list[Model], names: list[str]) -> None:
+def main_stack(model: Model) -> tuple[str, int]:
+    """The layer stack slices refer to: the one config.json's layer count describes, else the longest."""
+    counts = layer_counts(model.infos)
+    if not counts:
+        raise MergeError(f"{model.label}: no numbered layers, so slices cannot select any")
+    declared = config_layer_count(model.folder)
+    for stack, count in counts.items():
+        if declared is not None and count == declared:
+            return stack, count
+    return max(counts.items(), key=lambda item: item[1])
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def config_layer_count(folder: str | None) -> int | None:
+    config = read_config(folder)
+    return next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+
+
+def read_config(folder: str | None) -> dict:
+    if not folder:
+        return {}
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+@dataclass
+class OutputTensor:
+    """An output tensor before its job is made: the group it comes from and the names it reads."""
+
+    name: str
+    group: Group
+    reads: list[str]
+    t: float
+
+
+def plan_tensors(recipe: Recipe, groups: list[Group], models: list[Model], skip_missing: bool,
+                 reporter: Reporter) -> tuple[list[OutputTensor], list[int] | None]:
+    """Every output tensor in write order, and (with slices) each output layer's source layer."""
+    if not recipe.sliced:
+        group = groups[0]
+        inputs = [models[i] for i in group.sources]
+        ordered = [inputs[group.donor]] + [m for i, m in enumerate(inputs) if i != group.donor]
+        reads = group_names(ordered, skip_missing, reporter)
+        counts = layer_counts(ordered[0].infos)
+        moved = [group.donor] + [i for i in range(len(inputs)) if i != group.donor]
+        tensors = []
+        for name, names in reads.items():
+            per_source = [None] * len(inputs)
+            for position, read in zip(moved, names):
+                per_source[position] = read
+            tensors.append(OutputTensor(name, group, per_source, layer_position(name, counts)))
+        return tensors, None
+    first = models[groups[0].sources[groups[0].donor]]
+    stack, _ = main_stack(first)
     problems = []
-    for name in names:
-        infos = [m.infos[name] for m in models]
-        if any(info.shape != infos[0].shape for info in infos):
-            shapes = ", ".join(f"{m.label} {list(info.shape)}" for m, info in zip(models, infos))
-            problems.append(f"tensor {name} has different shapes: {shapes}")
-        elif any(info.is_float != infos[0].is_float for info in infos):
-            kinds = ", ".join(f"{m.label} {info.dtype}" for m, info in zip(models, infos))
-            problems.append(f"tensor {name} is floating point in some models only: {kinds}")
+    layer_map: list[int] = []
+    layered: list[OutputTensor] = []
+    for number, group in enumerate(groups):
+        lengths = {b - a for a, b in group.layers}
+        if len(lengths) > 1:
+            problems.append(f"slices[{number}]: every source must span the same number of layers "
+                            f"(got {', '.join(f'{a}-{b}' for a, b in group.layers)})")
+            continue
+        for position, (a, b) in zip(group.sources, group.layers):
+            depth = layer_counts(models[position].infos).get(stack, 0)
+            if b > depth:
+                problems.append(f"slices[{number}]: layer_range [{a}, {b}) is past the depth of "
+                                f"{models[position].label} ({depth} layers)")
+        if problems:
+            continue
+        length = lengths.pop()
+        donor = models[group.sources[group.donor]]
+        donor_start = group.layers[group.donor][0]
+        for offset in range(length):
+            out_layer = len(layer_map)
+            layer_map.append(donor_start + offset)
+            prefix = f"{stack}.{donor_start + offset}."
+            for name in donor.storage_order():
+                if not name.startswith(prefix):
+                    continue
+                suffix = name[len(prefix):]
+                names = [f"{stack}.{a + offset}.{suffix}" for a, _ in group.layers]
+                absent = [models[p].label for p, n in zip(group.sources, names) if n not in models[p].infos]
+                if absent:
+                    problems.append(f"slices[{number}]: tensor {names[0]} is missing in {', '.join(absent)}")
+                    continue
+                layered.append(OutputTensor(f"{stack}.{out_layer}.{suffix}", group, names,
+                                      offset / (length - 1) if length > 1 else 1.0))
+    if problems:
+        raise MergeError(*problems[:5], *([f"and {len(problems) - 5} more"] if len(problems) > 5 else []))
+    pre, post = [], []
+    for position, group in ((0, groups[0]), (-1, groups[-1])):
+        inputs = [models[i] for i in group.sources]
+        ordered = [inputs[group.donor]] + [m for i, m in enumerate(inputs) if i != group.donor]
+        reads = group_names(ordered, skip_missing, reporter)
+        moved = [group.donor] + [i for i in range(len(inputs)) if i != group.donor]
+        for name, names in reads.items():
+            match = LAYER.match(name)
+            if match and match.group(1) == stack:
+                continue
+            if (PRE_LAYER.search(name) is not None) == (position == 0):
+                per_source = [None] * len(inputs)
+                for at, read in zip(moved, names):
+                    per_source[at] = read
+                (pre if position == 0 else post).append(OutputTensor(name, group, per_source, 0.0))
+    return pre + layered + post, layer_map
+
+
+def resolve_params(recipe: Recipe, group: Group, tensor: OutputTensor) -> tuple[dict, list[tuple[str, str]]]:
+    """Every parameter's value for one tensor, and the required ones nobody gave: (param key, model).
+
+    Per-model parameters: the model's own setting (matched against the name it reads), else the slice's,
+    else the top level's, else the default. Shared ones: the slice's, the top level's, the default
+    (matched against the output name).
+    """
+    method = recipe.method
+    resolved, missing = {}, []
+    models = len(group.sources) - (1 if group.base else 0)
+    for p in method.params:
+        if p.per_model:
+            defaults = p.default(models) if callable(p.default) else [p.default] * models
+            values = []
+            for i in range(models):
+                value = UNSET
+                for level in (group.settings[i], group.slice_settings, recipe.settings):
+                    if p.name in level:
+                        value = evaluate(level[p.name], tensor.reads[i], tensor.t)
+                        if value is not UNSET:
+                            break
+                if value is UNSET and p.required and recipe.from_config:
+                    missing.append((p.key, i))
+                values.append(defaults[i] if value is UNSET else value)
+            resolved[p.name] = values
+        else:
+            value = UNSET
+            for level in (group.slice_settings, recipe.settings):
+                if p.name in level:
+                    value = evaluate(level[p.name], tensor.name, tensor.t)
+                    if value is not UNSET:
+                        break
+            if value is UNSET and p.required and (recipe.from_config or p.default is None):
+                missing.append((p.key, None))
+            resolved[p.name] = p.default if value is UNSET else value
+    return resolved, missing
+
+
+def check_shapes(recipe: Recipe, models: list[Model], tensors: list[OutputTensor], truncate: bool,
+                 reporter: Reporter) -> dict[str, tuple[int, ...]]:
+    """Output shapes; differing vocabulary sizes are an error, or truncated with --unsafe-truncate-embeddings."""
+    problems, shapes = [], {}
+    for tensor in tensors:
+        infos = [models[p].infos[n] for p, n in zip(tensor.group.sources, tensor.reads)]
+        labels = [models[p].label for p in tensor.group.sources]
+        if any(info.is_float != infos[0].is_float for info in infos):
+            kinds = ", ".join(f"{label} {info.dtype}" for label, info in zip(labels, infos))
+            problems.append(f"tensor {tensor.name} is floating point in some models only: {kinds}")
+            continue
+        shapes[tensor.name] = infos[0].shape
+        if all(info.shape == infos[0].shape for info in infos):
+            continue
+        listing = ", ".join(f"{label} {list(info.shape)}" for label, info in zip(labels, infos))
+        axis = vocabulary_axis(tensor.name, [info.shape for info in infos])
+        if axis is None:
+            problems.append(f"tensor {tensor.name} has different shapes: {listing}")
+        elif not truncate:
+            problems.append(f"tensor {tensor.name} has different vocabulary sizes: {listing}; the models use different "
+                            "tokenizers. --unsafe-truncate-embeddings keeps the common first rows (only right if "
+                            "those ids mean the same tokens in every model)")
+        else:
+            shape = list(infos[0].shape)
+            shape[axis] = min(info.shape[axis] for info in infos)
+            shapes[tensor.name] = tuple(shape)
+            reporter.warn("truncate", f"tensor {tensor.name}: vocabulary truncated to the first {shape[axis]} rows "
+                                      f"({listing})")
     if problems:
         more = [f"and {len(problems) - 5} more tensors differ"] if len(problems) > 5 else []
         raise MergeError(*problems[:5], *more)
+    return shapes
+
+
+def vocabulary_axis(name: str, shapes: list[tuple[int, ...]]) -> int | None:
+    """The token axis of a vocabulary tensor whose shapes differ only there (so a prefix is contiguous)."""
+    if not VOCABULARY.search(name) and not name.endswith("final_logits_bias"):
+        return None
+    first = shapes[0]
+    if any(len(s) != len(first) for s in shapes) or not first:
+        return None
+    differing = {i for s in shapes for i in range(len(first)) if s[i] != first[i]}
+    if differing == {0} or (differing == {1} and len(first) == 2 and first[0] == 1):
+        return differing.pop()
+    return None
 
 
 def promoted(dtypes: Sequence[str]) -> str:
@@ -566,7 +1137,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def seed_metadata(method: methods.Method, models: list[Model], per_model: list[dict], params: dict) -> dict[str, str]:
+def seed_metadata(method: methods.Method, models: list[Model], settings: list[dict], params: dict) -> dict[str, str]:
     """The keys the SafeTensor Model Merger writes, which downstream tools read."""
     if not method.seed_keys:
         return {}
@@ -579,50 +1150,83 @@ def seed_metadata(method: methods.Method, models: list[Model], per_model: list[d
     if "alpha" in params:
         meta["alpha"] = str(float(params["alpha"]))
     if "weight" in params:
-        given = all("weight" in s for s in per_model)
-        meta["weights"] = json.dumps([float(s["weight"]) for s in per_model] if given else params["weight"])
+        given = all("weight" in s for s in settings)
+        meta["weights"] = json.dumps([float(s["weight"]) for s in settings] if given else params["weight"])
         meta["normalized_weights"] = json.dumps([round(w, 6) for w in methods.normalised(params["weight"])])
     return meta
 
 
-def recipe(method: methods.Method, labels: list[str], base: str | None, shared: dict, per_model: list[dict],
-           args: argparse.Namespace, seed: int | None) -> dict:
-    """The resolved recipe, in mergekit's YAML shape, stored in the output so the merge can be repeated."""
-    count = len(labels)
-    parameters = {p.key: shared.get(p.name, p.default) for p in method.params if not p.per_model}
-    models = []
-    for i, label in enumerate(labels):
-        own = {}
+def recipe_document(recipe: Recipe) -> dict:
+    """The resolved recipe in mergekit's YAML shape, defaults filled in: `--config` on it repeats the merge."""
+    method = recipe.method
+
+    def given_anywhere(p: methods.Param) -> bool:
+        return p.name in recipe.settings or any(p.name in piece.settings for piece in recipe.slices)
+
+    def source_entry(source: Source, position: int, count: int, piece: Slice) -> dict:
+        params = {p.key: source.settings[p.name] for p in method.params if p.name in source.settings}
+        is_base = source.path in (recipe.base, piece.base) and method.uses_base
         for p in method.params:
-            if p.per_model:
-                default = p.default(count)[i] if callable(p.default) else p.default
-                value = per_model[i].get(p.name, default)
-                if value is not None:
-                    own[p.key] = value
-        models.append({"model": label, **({"parameters": own} if own else {})})
-    result = {"merge_method": method.name, **({"base_model": base} if base else {}), "models": models,
-              "parameters": parameters}
-    for key, value in (("dtype", args.compute_dtype), ("out_dtype", args.dtype), ("seed", seed)):
+            if p.per_model and p.key not in params and not given_anywhere(p) and not is_base and p.default is not None:
+                params[p.key] = p.default(count)[position] if callable(p.default) else p.default
+        entry: dict = {"model": source.path}
+        if source.layers is not None:
+            entry["layer_range"] = list(source.layers)
+        if params:
+            entry["parameters"] = params
+        return entry
+
+    doc: dict = {"merge_method": method.name}
+    if recipe.base:
+        doc["base_model"] = recipe.base
+    if recipe.sliced:
+        doc["slices"] = []
+        for piece in recipe.slices:
+            entry = {"sources": [source_entry(s, i, len(piece.sources), piece) for i, s in enumerate(piece.sources)]}
+            if piece.base:
+                entry["base_model"] = piece.base
+            if piece.settings:
+                entry["parameters"] = {method.param(n).key: v for n, v in piece.settings.items()}
+            doc["slices"].append(entry)
+    else:
+        piece = recipe.slices[0]
+        count = len([s for s in piece.sources if s.path != recipe.base or not method.uses_base])
+        doc["models"] = [source_entry(s, i, count, piece) for i, s in enumerate(piece.sources)]
+    parameters = {method.param(n).key: v for n, v in recipe.settings.items()}
+    for p in method.params:
+        if not p.per_model and not given_anywhere(p) and p.default is not None:
+            parameters[p.key] = p.default
+    doc["parameters"] = parameters
+    for key, value in (("dtype", recipe.dtype), ("out_dtype", recipe.out_dtype), ("seed", recipe.seed)):
         if value is not None:
-            result[key] = value
-    return result
+            doc[key] = value
+    return doc
 
 
-def updated_config(path: str, out_dtype: str | None) -> bytes | str:
-    """config.json with its dtype entries set to the output dtype; the path itself when nothing changes."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
+def updated_config(path: str, out_dtype: str | None, layer_map: list[int] | None,
+                   vocab_size: int | None) -> bytes | str:
+    """config.json made true of the output: its dtype, its layer count and per-layer lists (slices), its
+    vocabulary size (truncation). The path itself when nothing changes."""
+    config = read_config(os.path.dirname(path))
+    if not config:
         return path
-    if out_dtype is None or not isinstance(config, dict):
+    changed = dict(config)
+    if out_dtype is not None:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            changed[key] = out_dtype
+    if layer_map is not None:
+        source_count = config_layer_count(os.path.dirname(path))
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(config.get(key), int):
+                changed[key] = len(layer_map)
+        for key, value in config.items():
+            if isinstance(value, list) and source_count and len(value) == source_count:
+                changed[key] = [value[k] for k in layer_map]  # e.g. Qwen2's layer_types
+    if vocab_size is not None and isinstance(config.get("vocab_size"), int) and config["vocab_size"] > vocab_size:
+        changed["vocab_size"] = vocab_size
+    if changed == config:
         return path
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    if all(config.get(k) == out_dtype for k in keys):
-        return path
-    for key in keys:
-        config[key] = out_dtype
-    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    return (json.dumps(changed, indent=2) + "\n").encode("utf-8")
 
 
 def find_method(text: str) -> methods.Method:
@@ -658,16 +1262,18 @@ class Options:
     seed: int | None
 
 
-def check_options(method: methods.Method, args: argparse.Namespace, reporter: Reporter) -> Options:
-    problems = flag_problems(method, args)
-    if len(args.models) > MAX_INPUT_PATHS:
-        problems.append(f"--models takes at most {MAX_INPUT_PATHS} paths (got {len(args.models)})")
-    if args.base is not None and method.base == methods.REFUSED:
-        problems.append(f"{method.name} takes no --base")
-    elif args.base is not None and method.base == methods.UNUSED:
-        reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
-    elif args.base is None and method.base == methods.REQUIRED:
-        problems.append(f"{method.name} needs a base model: give it with --base PATH")
+def check_options(recipe: Recipe, args: argparse.Namespace, reporter: Reporter) -> Options:
+    method = recipe.method
+    problems = flag_problems(method, args) + range_problems(recipe, args)
+    if not recipe.from_config:
+        if len(args.models) > MAX_INPUT_PATHS:
+            problems.append(f"--models takes at most {MAX_INPUT_PATHS} paths (got {len(args.models)})")
+        if args.base is not None and method.base == methods.REFUSED:
+            problems.append(f"{method.name} takes no --base")
+        elif args.base is not None and method.base == methods.UNUSED:
+            reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
+        elif args.base is None and method.base == methods.REQUIRED:
+            problems.append(f"{method.name} needs a base model: give it with --base PATH")
     shard_size = 5 * 10**9
     if args.shard_size is not None:
         try:
@@ -686,7 +1292,7 @@ def check_options(method: methods.Method, args: argparse.Namespace, reporter: Re
         device = check_device(args.device)
     except MergeError as err:
         problems.extend(err.lines)
-    seed = args.seed
+    seed = recipe.seed
     if seed is not None and not 0 <= seed < 2**63:
         problems.append(f"--seed must be between 0 and 2**63 - 1 (got {seed})")
     if problems:
@@ -697,123 +1303,117 @@ def check_options(method: methods.Method, args: argparse.Namespace, reporter: Re
     elif not method.random and seed is not None:
         reporter.warn("seed", f"--seed is ignored: {method.name} is deterministic")
         seed = None
+    recipe.seed = seed
     return Options(target, shard_size, device, seed)
 
 
-def open_base(method: methods.Method, args: argparse.Namespace, models: list[Model], reporter: Reporter) -> Model | None:
-    """The base model, when the method uses one; None for mergekit's karcher when the base is also listed."""
-    if args.base is None or method.base in (methods.UNUSED, methods.REFUSED):
-        return None
-    if resolve_input(args.base, natural=False) is not None:
-        raise MergeError(f"--base {args.base}: give one model, not a folder of checkpoints")
-    base = open_model(args.base, args.base, reporter.warn)
-    key = _identity(base)
-    twin = next((m for m in models if _identity(m) == key), None)
-    if twin is None:
-        return base
-    base.close()
-    if method.base == methods.INPUT:
-        return None
-    raise MergeError(f"--base {args.base} is also in --models (as {twin.label}); list it only as --base")
-
-
-def _identity(model: Model) -> str:
-    return os.path.realpath(model.paths[0] if len(model.files) == 1 else model.folder)
+def build_recipe(args: argparse.Namespace, reporter: Reporter) -> Recipe:
+    if args.config is None:
+        if not args.method:
+            raise MergeError("--method is required (see --help for the list), or give a recipe with --config")
+        if not args.models:
+            raise MergeError("--models is required: one or more checkpoints")
+        return recipe_from_args(find_method(args.method), args, reporter)
+    clashes = [flag for flag, value in (("--method", args.method), ("--models", args.models), ("--base", args.base))
+               if value]
+    if clashes:
+        raise MergeError(f"{', '.join(clashes)} cannot be combined with --config: the recipe names the method and models")
+    recipe = recipe_from_config(load_config(args.config), args, reporter)
+    apply_flags(recipe, args)
+    for field_name, value in (("dtype", args.compute_dtype), ("out_dtype", args.dtype), ("seed", args.seed)):
+        if value is not None:
+            setattr(recipe, field_name, value)
+    return recipe
 
 
 def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
-    method = find_method(args.method)
-    options = check_options(method, args, reporter)
-    models, labels = open_inputs(args.models, args.sort == "natural", reporter)
-    base = None
+    recipe = build_recipe(args, reporter)
+    options = check_options(recipe, args, reporter)
+    models, index = open_models(recipe, reporter)
     try:
-        base = open_base(method, args, models, reporter)
-        return _plan_models(method, models, labels, base, options, args, reporter)
+        return plan_jobs(recipe, models, index, options, args, reporter)
     except BaseException:
-        for model in models + ([base] if base else []):
+        for model in models:
             model.close()
         raise
 
 
-def count_problem(method: methods.Method, labels: list[str]) -> str | None:
-    count = len(labels)
-    low, high = method.min_models, method.max_models
-    if low <= count and (high is None or count <= high):
-        return None
-    span = f"exactly {low}" if high == low else f"{low} to {high}" if high is not None else f"at least {low}"
-    found = ", ".join(labels[:3]) + (", ..." if count > 3 else "")
-    hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
-    return f"{method.name} needs {span} models, found {count} ({found}){hint}"
-
-
-def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
-    if base is not None and method.base == methods.INPUT:
-        models, labels, base = models + [base], labels + [base.label], None
-    problem = count_problem(method, labels)
-    if problem:
-        raise MergeError(problem)
-    count = len(models)
-    shared, per_model, problems = cli_settings(method, args, count)
-    if problems:
-        raise MergeError(*problems)
-    inputs = models + ([base] if base else [])
-    check_output(options.target, args.output, inputs, args.models + ([args.base] if base else []), args.overwrite)
-    donor = len(inputs) - 1 if base else 0
-    names = check_keys([inputs[donor]] + [m for i, m in enumerate(inputs) if i != donor], args.skip_missing, reporter)
-    check_shapes(inputs, names)
-    counts = layer_counts(inputs[donor].infos)
-    jobs, seen_problems = [], []
-    for name in names:
-        infos = [m.infos[name] for m in inputs]
+def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], options: Options,
+              args: argparse.Namespace, reporter: Reporter) -> Plan:
+    method = recipe.method
+    groups = build_groups(recipe, models, index, reporter)
+    tensors, layer_map = plan_tensors(recipe, groups, models, args.skip_missing, reporter)
+    given = args.models if not recipe.from_config else [s.path for p in recipe.slices for s in p.sources]
+    check_output(options.target, args.output, models, list(given) + ([recipe.base] if recipe.base else []),
+                 args.overwrite)
+    shapes = check_shapes(recipe, models, tensors, args.unsafe_truncate_embeddings, reporter)
+    jobs, problems = [], []
+    for tensor in tensors:
+        group = tensor.group
+        reads = list(zip(group.sources, tensor.reads))
+        infos = [models[p].infos[n] for p, n in reads]
+        shape = shapes[tensor.name]
         if not infos[0].is_float:
-            if any(info != infos[donor] for info in infos):
-                reporter.warn("int-dtype", f"tensor {name}: non-float dtypes differ between models; "
-                                           f"copied from {inputs[donor].label}")
-            jobs.append(Job(name, infos[donor], [donor]))
+            if any(info != infos[group.donor] for info in infos):
+                reporter.warn("int-dtype", f"tensor {tensor.name}: non-float tensors differ between models; "
+                                           f"copied from {models[reads[group.donor][0]].label}")
+            jobs.append(Job(tensor.name, TensorInfo(infos[group.donor].dtype, shape), [reads[group.donor]]))
             continue
-        params = resolve_params(method, shared, per_model, name, layer_position(name, counts))
+        params, missing = resolve_params(recipe, group, tensor)
+        for key, position in missing:
+            who = f" for {models[group.sources[position]].label}" if position is not None else ""
+            line = f"{method.name}: missing required parameter {key}{who}"
+            if line not in problems:
+                problems.append(line)
         for param, problem in method.problems(params):
-            line = f"{method.name}: {spelled(method.param(param), args)} {problem}"
-            if line not in seen_problems:
-                seen_problems.append(line)
+            p = method.param(param)
+            line = f"{method.name}: {p.key if recipe.from_config else spelled(p, args)} {problem}"
+            if line not in problems:
+                problems.append(line)
         dtypes = [info.dtype for info in infos]
-        compute = args.compute_dtype or compute_dtype(method.compute_rule(params), dtypes)
-        out = args.dtype or args.compute_dtype or compute_dtype(method.output, dtypes, donor)
+        compute = recipe.dtype or compute_dtype(method.compute_rule(params), dtypes, group.donor)
+        out = recipe.out_dtype or recipe.dtype or compute_dtype(method.output, dtypes, group.donor)
         func, scope = method.func, method.scope
         if scope == methods.MATRIX:
-            matrix = takes_matrix_path(name, infos[0])
+            matrix = takes_matrix_path(tensor.name, TensorInfo(out, shape))
             func, scope = (method.func, methods.WHOLE) if matrix else (method.fallback, methods.ELEMENTWISE)
-        seed = tensor_seed(options.seed, name) if method.random else None
-        jobs.append(Job(name, TensorInfo(out, infos[0].shape), list(range(len(inputs))), params, compute, func, scope,
-                        base is not None, seed))
-    if seen_problems:
-        raise MergeError(*seen_problems)
+        seed = tensor_seed(options.seed, tensor.name) if method.random else None
+        jobs.append(Job(tensor.name, TensorInfo(out, shape), reads, params, compute, func, scope, group.base, seed))
+    if problems:
+        raise MergeError(*problems)
+    names = [job.name for job in jobs]
+    if len(set(names)) != len(names):
+        raise MergeError("the slices write the same tensor twice; check their layer ranges")
 
     target = options.target
     by_name = {job.name: job for job in jobs}
     entries = [(job.name, job.out) for job in jobs]
-    names_per_shard = plan_shards(entries, options.shard_size) if target.is_folder else [[job.name for job in jobs]]
+    names_per_shard = plan_shards(entries, options.shard_size) if target.is_folder else [names]
     shards = [[(n, by_name[n].out) for n in shard] for shard in names_per_shard]
     ordered = [by_name[n] for shard in names_per_shard for n in shard]
     float_dtypes = {job.out.dtype for job in jobs if job.params is not None}
     out_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
+    truncated = [shapes[t.name][0] for t in tensors if EMBEDDING.search(t.name) and
+                 shapes[t.name] != models[t.group.sources[0]].infos[t.reads[0]].shape]
 
+    donor = models[groups[0].sources[groups[0].donor]]
     copy_extra = target.is_folder if args.copy_extra_files is None else args.copy_extra_files
     extra: dict[str, str | bytes] = {}
-    folder = inputs[donor].folder
-    if copy_extra and folder and os.path.realpath(folder) != os.path.realpath(target.folder):
-        for file_name, path in extra_files(folder, skip={target.weights_name or ""}).items():
-            extra[file_name] = updated_config(path, out_dtype) if file_name == "config.json" else path
-    first_params = next((job.params for job in jobs if job.params is not None), None) or resolve_params(
-        method, shared, per_model, "", 0.0)
+    if copy_extra and donor.folder and os.path.realpath(donor.folder) != os.path.realpath(target.folder):
+        for file_name, path in extra_files(donor.folder, skip={target.weights_name or ""}).items():
+            extra[file_name] = (updated_config(path, out_dtype, layer_map, min(truncated) if truncated else None)
+                                if file_name == "config.json" else path)
+    first = next((job.params for job in jobs if job.params is not None), None) or {}
+    first_group = [models[p] for p in groups[0].sources[:len(groups[0].sources) - groups[0].base]]
+    document = recipe_document(recipe)
     metadata = {
         "format": "pt",
         "merge_tool": f"{TOOL} {__version__}",
-        "merge_recipe": json.dumps(recipe(method, labels, base.label if base else None, shared, per_model, args,
-                                          options.seed)),
-        **seed_metadata(method, models, per_model, first_params),
+        "merge_recipe": json.dumps(document),
+        **seed_metadata(method, first_group, groups[0].settings, first),
     }
-    return Plan(method, inputs, target, ordered, shards, metadata, extra, options.device, args.overwrite, args.output)
+    return Plan(method, models, target, ordered, shards, metadata, extra, options.device, args.overwrite,
+                args.output, document)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -862,7 +1462,7 @@ class ReadAhead:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        largest = max((_block_bytes(plan, job, i) for job in plan.jobs for i in job.sources), default=1)
+        largest = max((_block_bytes(plan, job, read) for job in plan.jobs for read in job.reads), default=1)
         self.budget = ByteBudget((len(plan.models) + 1) * largest)
         self.items: deque = deque()
         self.ready = threading.Condition()
@@ -875,12 +1475,12 @@ class ReadAhead:
         try:
             for job in self.plan.jobs:
                 for start, stop in job_blocks(self.plan, job):
-                    for i in job.sources:
+                    for i, name in job.reads:
                         model = self.plan.models[i]
-                        size = (stop - start) * ITEMSIZE[model.infos[job.name].dtype]
+                        size = (stop - start) * ITEMSIZE[model.infos[name].dtype]
                         if not self.budget.acquire(size):
                             return
-                        self._put((model.read(job.name, start, stop), size))
+                        self._put((model.read(name, start, stop), size))
         except BaseException as err:  # handed to the main thread, which reports it
             self._put(err)
 
@@ -904,9 +1504,9 @@ class ReadAhead:
             self.thread.join()
 
 
-def _block_bytes(plan: Plan, job: Job, source: int) -> int:
+def _block_bytes(plan: Plan, job: Job, read: tuple[int, str]) -> int:
     start, stop = job_blocks(plan, job)[0]
-    return max(stop - start, 1) * ITEMSIZE[plan.models[source].infos[job.name].dtype]
+    return max(stop - start, 1) * ITEMSIZE[plan.models[read[0]].infos[read[1]].dtype]
 
 
 def merge_block(plan: Plan, job: Job, inputs: list):
@@ -975,7 +1575,7 @@ def run_merge(plan: Plan, reporter: Reporter) -> None:
 def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter) -> None:
     dtype = torch_dtype(job.out.dtype)
     for _ in job_blocks(plan, job):
-        items = [reader.take() for _ in job.sources]
+        items = [reader.take() for _ in job.reads]
         try:
             out = items[0][0] if job.params is None else _merge_reporting(plan, job, [t for t, _ in items], reporter)
             # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
@@ -1047,6 +1647,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(arguments)
         plan = plan_merge(args, reporter)
+        if args.print_config:
+            import yaml
+
+            for model in plan.models:
+                model.close()
+            reporter.flush()
+            print(yaml.safe_dump(plan.recipe, sort_keys=False), end="")
+            return 0
         reporter.flush()
         run_merge(plan, reporter)
     except MergeError as err:

@@ -77,6 +77,7 @@ class Param:
     flag: str | None = None  # the CLI flag, when it is not --name-with-dashes
     aliases: tuple[str, ...] = ()
     help: str = ""
+    required: bool = False  # mergekit requires it in recipes; the CLI falls back to `default`
 
     @property
     def key(self) -> str:
@@ -321,7 +322,7 @@ def wma(models: Sequence[Tensor], *, weight: Sequence[float]) -> Tensor:
     summary="Weighted average of the models (model soup); weights are normalised unless --no-normalize.",
     paper="Model soups, arXiv 2203.05482 (mergekit 'linear')",
     when="Average fine-tunes of one base, or build a weighted soup; the fastest method.",
-    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
+    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",), required=True,
                   help="one weight per model"),
             Param("normalize", default=True, kind=bool, help="divide by the sum of the weights")],
     check=lambda p: ([("weight", "sum to 0 (use --no-normalize to add the models up)")]

@@ -64,10 +64,14 @@ def test_a_method_that_needs_a_base_refuses_to_run_without_one(tmp_path, run, to
     assert code == 2 and "toy_delta needs a base model" in err
 
 
-def test_the_base_given_again_in_models_is_an_error(tmp_path, run, toy_methods):
+def test_a_base_also_listed_in_models_is_the_base_and_merged_once(tmp_path, run, toy_methods):
     models = paths(tmp_path)
-    code, _, err = run("--method", "toy_delta", "--base", models[0], "--models", *models, "--output", "o.safetensors")
-    assert code == 2 and "is also in --models" in err
+    code, _, err = run("--method", "toy_delta", "--base", models[0], "--models", *models, "--output", "a.safetensors")
+    assert code == 0, err
+    code, _, err = run("--method", "toy_delta", "--base", models[0], "--models", *models[1:], "--output", "b.safetensors")
+    assert code == 0, err
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_random_methods_repeat_under_a_seed_and_differ_across_seeds(tmp_path, run, toy_methods):
