@@ -148,6 +148,7 @@ class SafetensorsFile:
             raise MergeError(f"{path}: safetensors __metadata__ must map names to strings")
         data_start = 8 + header_len
         data_len = size - data_start
+        self.size, self.data_start = size, data_start
         infos, offsets = {}, {}
         for name, entry in header.items():
             info, (begin, end) = _header_entry(path, name, entry)
@@ -549,6 +550,21 @@ class OutputLock:
                 pass
             os.close(fd)
 
+    @staticmethod
+    def held_elsewhere(target: OutputTarget) -> bool:
+        """Whether another run holds this output's lock now (nothing is created to find out)."""
+        try:
+            fd = os.open(os.path.join(target.folder, target.lock_name), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def __exit__(self, kind, error, trace) -> None:
         try:
             os.unlink(self.path)
@@ -703,6 +719,39 @@ class StreamingWriter:
             except FileNotFoundError:
                 pass
         self.temps.clear()
+
+
+def complete_output(path: str) -> str | None:
+    """What makes `path` a complete output (a sound single file, or an index whose shards all are), or None."""
+
+    def sound(file_path: str) -> SafetensorsFile | None:
+        try:
+            f = SafetensorsFile(file_path)
+        except MergeError:
+            return None
+        f.close()
+        return f if f.size == max([stop for _, stop in f.offsets.values()] + [f.data_start]) else None
+
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        return "a complete safetensors file" if sound(path) else None
+    if not os.path.isdir(path):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            shards = {}
+            for name, shard in weight_map.items():
+                if shard not in shards:
+                    shards[shard] = sound(os.path.join(path, shard))
+                if shards[shard] is None or name not in shards[shard].infos:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return f"an index and its {len(shards)} shards"
+    single = os.path.join(path, "model.safetensors")
+    return "a complete model.safetensors" if os.path.isfile(single) and sound(single) else None
 
 
 def extra_files(folder: str | None, skip: Iterable[str] = ()) -> dict[str, str]:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -72,7 +73,7 @@ _defer_import("torch")
 
 import methods  # noqa: E402  (after the deferral above)
 from io_utils import (  # noqa: E402
-    ITEMSIZE, MergeError, Model, OutputLock, OutputTarget, StreamingWriter, TensorInfo, dtype_name,
+    ITEMSIZE, MergeError, Model, OutputLock, OutputTarget, StreamingWriter, TensorInfo, complete_output, dtype_name,
     existing_weights, extra_files, has_glob, iter_blocks, open_model, output_target, parse_size, plan_shards,
     resolve_input, torch_dtype,
 )
@@ -179,6 +180,13 @@ def build_parser() -> Parser:
     parser.add_argument("--seed", "--random-seed", type=int, metavar="N",
                         help="seed of random methods: the same seed repeats a merge bit for bit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="do nothing (exit 0) when the output already exists and is complete")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the plan (sizes, memory, disk, time); write nothing")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary of the run on stdout")
+    parser.add_argument("--jobs", metavar="FILE",
+                        help="run one merge per line of FILE (its flags, then these); report each, go on after failures")
     parser.add_argument("--quiet", action="store_true", help="no progress, input order or summary; warnings stay")
     parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     parser.add_argument("--version", action="version", version=f"{TOOL} {__version__}")
@@ -1403,9 +1411,11 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
         for file_name, path in extra_files(donor.folder, skip={target.weights_name or ""}).items():
             extra[file_name] = (updated_config(path, out_dtype, layer_map, min(truncated) if truncated else None)
                                 if file_name == "config.json" else path)
+    document = recipe_document(recipe)
+    if target.is_folder:
+        extra["README.md"] = model_card(document, method, target.folder)
     first = next((job.params for job in jobs if job.params is not None), None) or {}
     first_group = [models[p] for p in groups[0].sources[:len(groups[0].sources) - groups[0].base]]
-    document = recipe_document(recipe)
     metadata = {
         "format": "pt",
         "merge_tool": f"{TOOL} {__version__}",
@@ -1534,11 +1544,13 @@ def merge_block(plan: Plan, job: Job, inputs: list):
     return call([x.to(device=device, dtype=compute).reshape(job.out.shape) for x in inputs]).reshape(-1)
 
 
-def run_merge(plan: Plan, reporter: Reporter) -> None:
+def run_merge(plan: Plan, reporter: Reporter) -> dict:
+    """Merge and write; returns the run's summary."""
     import torch
 
     torch.empty(0)  # finish importing torch here, before the read-ahead thread needs it
     started = time.monotonic()
+    check_free_space(plan)
     writer = StreamingWriter(plan.target, plan.shards, plan.metadata, plan.extra)
     total_bytes = sum(job.out.nbytes for job in plan.jobs)
     progress = _progress(total_bytes, reporter)
@@ -1570,6 +1582,9 @@ def run_merge(plan: Plan, reporter: Reporter) -> None:
     files = len(writer.names)
     reporter.note(f"{plan.method.name}: merged {len(plan.jobs)} tensors from {len(plan.models)} models into "
                   f"{plan.output_label} ({_size(total_bytes)}, {files} file{'s' * (files > 1)}) in {seconds:.1f} s")
+    return {"method": plan.method.name, "output": plan.output_label, "tensors": len(plan.jobs),
+            "bytes": total_bytes, "files": writer.names + sorted(plan.extra), "seconds": round(seconds, 3),
+            "seed": plan.recipe.get("seed")}
 
 
 def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter) -> None:
@@ -1616,6 +1631,135 @@ def _size(count: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# dry runs, disk space and model cards
+
+# Measured on the 2-core reference machine (implementation-notes.md §1, new-methods.md §0.5): reads from
+# page cache ~1.5 GB/s, fsynced writes ~0.5 GB/s, and an exact float32 SVD costs ~2.2e-10 s per m·n·r.
+READ_RATE, WRITE_RATE, SVD_COST = 1.5e9, 0.5e9, 2.2e-10
+
+
+def output_bytes(plan: Plan) -> int:
+    tensors = sum(job.out.nbytes for job in plan.jobs)
+    extra = sum(len(c) if isinstance(c, bytes) else os.path.getsize(c) for c in plan.extra.values())
+    return tensors + extra + 4096 * len(plan.shards)  # headers
+
+
+def free_space(folder: str) -> tuple[str, int]:
+    """The nearest existing folder on the output's path, and the bytes free there."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_free_space(plan: Plan) -> None:
+    """Refuse to start a run the output's disk cannot hold (an old output stays until the new one is done)."""
+    folder, free = free_space(plan.target.folder)
+    needed = output_bytes(plan)
+    if needed > free:
+        raise MergeError(f"{folder}: not enough free space for the output: it needs {_size(needed)}, "
+                         f"{_size(free)} are free")
+
+
+def estimated_memory(plan: Plan) -> int:
+    """Peak bytes of tensor data: the read-ahead budget plus the largest job's working set."""
+    reader = ReadAhead(plan)
+    working = 0
+    for job in plan.jobs:
+        if job.params is None or job.scope == methods.ELEMENTWISE:
+            continue
+        width = ITEMSIZE[job.compute]
+        cast = sum(job.out.numel * width for i, name in job.reads if plan.models[i].infos[name].dtype != job.compute)
+        working = max(working, cast + 2 * job.out.numel * width)
+    return reader.budget.limit + working + BLOCK * 8
+
+
+def estimated_seconds(plan: Plan) -> float:
+    read = sum(plan.models[i].infos[name].nbytes for job in plan.jobs for i, name in job.reads)
+    seconds = read / READ_RATE + output_bytes(plan) / WRITE_RATE
+    for job in plan.jobs:
+        if plan.method.scope == methods.MATRIX and job.scope == methods.WHOLE:
+            m, n = job.out.shape
+            seconds += SVD_COST * m * n * min(m, n) * len(job.reads)
+    return seconds
+
+
+def dry_run_report(plan: Plan) -> dict:
+    def model_entry(model: Model) -> dict:
+        kinds = {"safetensors" if p.endswith(".safetensors") else "pytorch" for p in model.paths}
+        return {"path": model.label, "format": "+".join(sorted(kinds)), "files": len(model.files),
+                "bytes": model.nbytes, "tensors": len(model.infos)}
+
+    merged = sum(1 for job in plan.jobs if job.params is not None)
+    written = {job.name for job in plan.jobs}
+    skipped = len(set().union(*(m.infos for m in plan.models)) - written) if plan.method.name != "passthrough" else 0
+    folder, free = free_space(plan.target.folder)
+    names = StreamingWriter(plan.target, plan.shards, {}, {}).names
+    return {
+        "method": plan.method.name,
+        "recipe": plan.recipe,
+        "models": [model_entry(m) for m in plan.models],
+        "tensors": {"merge": merged, "copy": len(plan.jobs) - merged, "not written": skipped},
+        "output": {"path": plan.output_label,
+                   "files": [{"name": n, "bytes": sum(i.nbytes for _, i in shard)} for n, shard in zip(names, plan.shards)],
+                   "extra_files": sorted(plan.extra)},
+        "memory_bytes": estimated_memory(plan),
+        "disk": {"folder": folder, "needed_bytes": output_bytes(plan), "free_bytes": free},
+        "seconds_estimate": round(estimated_seconds(plan), 1),
+    }
+
+
+def print_dry_run(report: dict) -> None:
+    lines = [f"plan: {report['method']}"]
+    for entry in report["models"]:
+        lines.append(f"  input {entry['path']}: {entry['format']}, {entry['files']} file(s), "
+                     f"{_size(entry['bytes'])}, {entry['tensors']} tensors")
+    parameters = report["recipe"].get("parameters") or {}
+    if parameters:
+        lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in parameters.items()))
+    tensors = report["tensors"]
+    lines.append(f"  tensors: {tensors['merge']} merged, {tensors['copy']} copied, {tensors['not written']} not written")
+    output = report["output"]
+    lines.append(f"  output {output['path']}: " + ", ".join(f"{f['name']} ({_size(f['bytes'])})" for f in output["files"]))
+    if output["extra_files"]:
+        lines.append(f"  with {', '.join(output['extra_files'])}")
+    disk = report["disk"]
+    verdict = "enough" if disk["needed_bytes"] <= disk["free_bytes"] else "NOT ENOUGH"
+    lines.append(f"  disk: needs {_size(disk['needed_bytes'])}, {_size(disk['free_bytes'])} free in {disk['folder']} ({verdict})")
+    lines.append(f"  memory: about {_size(report['memory_bytes'])} of tensor data besides the interpreter")
+    lines.append(f"  time: about {report['seconds_estimate']:.0f} s (rough: disk speed and, for SVD methods, CPU cost)")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def check_not_locked(target: OutputTarget) -> None:
+    if OutputLock.held_elsewhere(target):
+        raise MergeError(f"{target.folder}: the output is being written by another run")
+
+
+def model_card(plan_recipe: dict, method: methods.Method, folder: str) -> bytes:
+    """README.md for a folder output: what was merged, how, and the recipe that repeats it."""
+    import yaml
+
+    models = [m["model"] for m in plan_recipe.get("models", [])] or sorted(
+        {s["model"] for piece in plan_recipe.get("slices", []) for s in piece["sources"]})
+    recipe_text = yaml.safe_dump(plan_recipe, sort_keys=False).strip()
+    name = os.path.basename(os.path.normpath(folder))
+    lines = [
+        "---", "tags:", "- merge", f"- {TOOL}", "---", "", f"# {name}", "",
+        f"This model is a merge made with {TOOL} {__version__} using **{method.name}**: {method.summary}",
+        f"({method.paper}).", "",
+    ]
+    if plan_recipe.get("base_model"):
+        lines += [f"Base model: `{plan_recipe['base_model']}`", ""]
+    lines += ["Models merged:", ""] + [f"- `{m}`" for m in models] + ["", "## Recipe", "", "```yaml", recipe_text, "```", "",
+              "## Reproduce", "", "With the same input paths, either of:", "", "```bash",
+              f"python merge.py --config recipe.yml --output {name}/   # the recipe above saved as recipe.yml",
+              f"python merge.py --config {name}/ --output {name}-again/   # the recipe stored in these weights",
+              "```", ""]
+    return "\n".join(lines).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -1639,44 +1783,115 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(list(sys.argv[1:] if argv is None else argv))[0]
+
+
+def run_cli(arguments: list[str]) -> tuple[int, dict]:
+    """One invocation: the exit code, and the summary that --json prints."""
     reporter = Reporter(quiet="--quiet" in arguments)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     _return_freed_buffers_to_the_os()
+    summary: dict = {}
     try:
-        args = parse_args(arguments)
-        plan = plan_merge(args, reporter)
-        if args.print_config:
-            import yaml
-
-            for model in plan.models:
-                model.close()
-            reporter.flush()
-            print(yaml.safe_dump(plan.recipe, sort_keys=False), end="")
-            return 0
-        reporter.flush()
-        run_merge(plan, reporter)
+        code = _main(arguments, reporter, summary)
     except MergeError as err:
         for line in err.lines:
             print(f"error: {line}", file=sys.stderr)
-        return 2
+        code, summary["error"] = 2, "; ".join(err.lines)
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+        code, summary["error"] = 130, "interrupted"
     except Terminated:
         print("error: terminated; no output was written", file=sys.stderr)
-        return 143
+        code, summary["error"] = 143, "terminated"
     except SystemExit as done:  # --help and --version
-        return done.code if isinstance(done.code, int) else 0
+        return (done.code if isinstance(done.code, int) else 0), summary
     except Exception as err:
         if "--debug" in arguments:
             traceback.print_exc()
         print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        code, summary["error"] = 1, f"internal error: {type(err).__name__}: {err}"
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if "--json" in arguments and "--jobs" not in arguments:
+        warned = [f"{messages[0]}" + (f" (and {len(messages) - 1} more like it)" if len(messages) > 1 else "")
+                  for messages in reporter.warnings.values()]
+        print(json.dumps({"ok": code == 0, "exit_code": code, **summary, "warnings": warned}), flush=True)
+    return code, summary
+
+
+def run_jobs(path: str, arguments: list[str]) -> int:
+    """One merge per line of `path` (blank lines and # comments skipped), each with the shared flags
+    appended. Failures are reported and the batch goes on; an interrupt stops it."""
+    import shlex
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [(number, line.strip()) for number, line in enumerate(handle, 1)]
+    except OSError as err:
+        raise MergeError(f"--jobs {path}: cannot read ({err.strerror})") from None
+    jobs = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    shared = [a for i, a in enumerate(arguments) if a != "--jobs" and (i == 0 or arguments[i - 1] != "--jobs")]
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    failed = []
+    for index, (number, line) in enumerate(jobs, 1):
+        try:
+            argv = shlex.split(line)
+        except ValueError as err:
+            print(f"error: --jobs {path} line {number}: {err}", file=sys.stderr)
+            counts["failed"] += 1
+            failed.append(number)
+            continue
+        if "--jobs" in argv:
+            print(f"error: --jobs {path} line {number}: a job cannot run other jobs", file=sys.stderr)
+            counts["failed"] += 1
+            failed.append(number)
+            continue
+        if "--quiet" not in shared:
+            print(f"job {index}/{len(jobs)} (line {number}): {line}", file=sys.stderr)
+        code, summary = run_cli(argv + shared)
+        if code in (130, 143):
+            return code
+        kind = "failed" if code else "skipped" if summary.get("skipped") else "done"
+        counts[kind] += 1
+        if code:
+            failed.append(number)
+    where = f" (lines {', '.join(map(str, failed))})" if failed else ""
+    print(f"jobs: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{where}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _main(arguments: list[str], reporter: Reporter, summary: dict) -> int:
+    args = parse_args(arguments)
+    if args.jobs:
+        return run_jobs(args.jobs, arguments)
+    if args.skip_existing and not args.dry_run:
+        done = complete_output(args.output)
+        if done:
+            reporter.note(f"skipped: {args.output} exists and is complete ({done})")
+            reporter.flush()
+            summary.update(output=args.output, skipped=True)
+            return 0
+    plan = plan_merge(args, reporter)
+    if args.print_config or args.dry_run:
+        for model in plan.models:
+            model.close()
+        reporter.flush()
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(plan.recipe, sort_keys=False), end="")
+            return 0
+        report = dry_run_report(plan)
+        summary.update(dry_run=report)
+        print_dry_run(report)
+        check_free_space(plan)
+        check_not_locked(plan.target)
+        return 0
+    reporter.flush()
+    summary.update(run_merge(plan, reporter))
     return 0
 
 

@@ -125,7 +125,7 @@ def test_sharded_folder_output_matches_single_file_output(three_models, tmp_path
 def test_folder_output_under_the_limit_is_one_model_file_without_index(three_models, run, tmp_path):
     code, _, err = run("--method", "sma", "--models", *three_models, "--output", "hf/")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "model.safetensors"]
 
 
 def test_folder_output_copies_the_donor_files_and_sets_the_output_dtype(tmp_path, run):
@@ -137,7 +137,8 @@ def test_folder_output_copies_the_donor_files_and_sets_the_output_dtype(tmp_path
     code, _, err = run("--method", "linear", "--models", *models, "--output", "out/", "--dtype", "bfloat16")
     assert code == 0, err
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert files == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert "card of the input" not in (tmp_path / "out" / "README.md").read_text()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
     assert all(t.dtype == torch.bfloat16 for n, t in load(tmp_path / "out").items() if n in FLOAT_NAMES)
@@ -147,7 +148,7 @@ def test_no_copy_extra_files_leaves_only_weights(tmp_path, run):
     models = [save_sharded(tmp_path / f"m{i}", llama_like(i)) for i in range(2)]
     code, _, err = run("--method", "linear", "--models", *models, "--output", "out/", "--no-copy-extra-files")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "model.safetensors"]
 
 
 def test_file_output_with_copy_extra_files_writes_them_beside_the_file(tmp_path, run):
@@ -278,7 +279,7 @@ def test_overwriting_a_sharded_folder_removes_its_stale_shards_after_success(tmp
     assert len(list((tmp_path / "hf").glob("model-*"))) > 2
     code, _, err = run("--method", "sma", "--models", *three_models, "--output", "hf/", "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "model.safetensors"]
     assert "removed" in err
 
 
