@@ -160,6 +160,8 @@ def build_parser() -> Parser:
     parser.add_argument("--config", metavar="RECIPE", help="a mergekit YAML recipe (or an output of ours, to repeat it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe (YAML) and exit")
     parser.add_argument("--allow-unknown-keys", action="store_true", help="warn about unknown recipe keys instead of failing")
+    parser.add_argument("--tokenizer-source", metavar="SOURCE",
+                        help="align vocabularies: base, union or a model's path (re-indexes embeddings and heads)")
     parser.add_argument("--unsafe-truncate-embeddings", action="store_true",
                         help="merge embeddings of different vocabulary sizes over their common first rows")
     parser.add_argument("--models", nargs="+", metavar="PATH",
@@ -329,13 +331,13 @@ class Recipe:
     seed: int | None = None
     sliced: bool = False  # written with `slices:`: output layers are renumbered
     from_config: bool = False  # messages name recipe keys rather than flags
+    tokenizer: dict | None = None  # {source: base | union | PATH, tokens?, pad_to_multiple_of?}
 
 
-RECIPE_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed"}
+RECIPE_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed",
+               "tokenizer_source", "tokenizer"}
 UNSUPPORTED_KEYS = {
     "modules": "use models: or slices:",
-    "tokenizer_source": "vocabulary alignment is not supported yet; give models with the same vocabulary",
-    "tokenizer": "vocabulary alignment is not supported yet; give models with the same vocabulary",
     "chat_template": "copy the chat template into tokenizer_config.json yourself",
 }
 
@@ -514,10 +516,15 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
             slices.append(Slice(sources, slice_settings, entry.get("base_model")))
     elif "slices" in data:
         problems.append("slices: must be a list of slices")
+    tokenizer = None
+    try:
+        tokenizer = tokenizer_setting(data)
+    except MergeError as err:
+        problems.extend(err.lines)
     if problems:
         raise MergeError(*problems)
     return Recipe(method, slices, base, settings, data.get("dtype"), data.get("out_dtype"), seed,
-                  sliced="slices" in data, from_config=True)
+                  sliced="slices" in data, from_config=True, tokenizer=tokenizer)
 
 
 def config_source(method: methods.Method, entry, where: str, with_layers: bool) -> tuple[Source | None, list[str]]:
@@ -548,7 +555,8 @@ def recipe_from_args(method: methods.Method, args: argparse.Namespace, reporter:
     if base is not None and resolve_input(base, natural=False) is not None:
         raise MergeError(f"--base {base}: give one model, not a folder of checkpoints")
     recipe = Recipe(method, [Slice([Source(p) for p in paths])], base, dtype=args.compute_dtype,
-                    out_dtype=args.dtype, seed=args.seed)
+                    out_dtype=args.dtype, seed=args.seed,
+                    tokenizer={"source": args.tokenizer_source} if args.tokenizer_source else None)
     apply_flags(recipe, args)
     return recipe
 
@@ -651,6 +659,313 @@ def range_problems(recipe: Recipe, args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# vocabularies: tokenizer_source re-indexes the token rows of embeddings and heads to one tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model")
+
+
+@dataclass
+class Alignment:
+    """How one vocabulary tensor's inputs are re-indexed before the method sees them."""
+
+    index: list  # per read: the model's row for each output token, or -1
+    fallback: list  # per output token: a read's position, MEAN_OF_HOLDERS or ZEROS
+    fallback_rows: list  # the row of that read
+    forced: list  # per output token: every model takes the fallback row
+    rows: int  # output rows, padding included
+    axis: int  # the token axis of the tensor
+
+
+@dataclass
+class Vocabulary:
+    tokens: dict[str, int]  # output token -> id
+    ids: list[dict[str, int]]  # per opened model: token -> its row (only rows below its vocab_size)
+    rows: int
+    overrides: dict  # token -> its `tokens:` setting
+    files: dict[str, bytes | str]  # the output's tokenizer files
+    base: int | None  # the opened model whose rows win a tie (the base, when it is merged)
+
+
+def tokenizer_setting(data: dict) -> dict | None:
+    """`tokenizer_source: X` or `tokenizer: {source, tokens, pad_to_multiple_of}` as one mapping."""
+    if "tokenizer_source" in data and "tokenizer" in data:
+        raise MergeError("give tokenizer_source: or tokenizer:, not both")
+    if data.get("tokenizer_source") is not None:
+        return {"source": data["tokenizer_source"]}
+    block = data.get("tokenizer")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise MergeError("tokenizer: takes source, tokens and pad_to_multiple_of")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise MergeError(f"tokenizer: pad_to_multiple_of must be a positive integer (got {pad!r})")
+    if not isinstance(block.get("tokens") or {}, dict):
+        raise MergeError("tokenizer: tokens must map token strings to {source, force}")
+    return {"source": block.get("source", "union"), **{k: v for k, v in block.items() if k != "source"}}
+
+
+def read_tokenizer(model: Model) -> dict | None:
+    """A model's tokenizer.json, parsed; None when it has none (then it is taken to share the base's)."""
+    folder = model.folder
+    path = os.path.join(folder, "tokenizer.json") if folder else ""
+    if folder and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            token_ids(document)
+            return document
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise MergeError(f"{path}: not a readable tokenizer.json ({err})") from None
+    if folder and os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        raise MergeError(f"{model.label}: its tokenizer is only a sentencepiece tokenizer.model; aligning vocabularies "
+                         "needs tokenizer.json (save the tokenizer with transformers' fast tokenizer first)")
+    return None
+
+
+def token_ids(document: dict) -> dict[str, int]:
+    """Every token of a tokenizer.json with its id: the model's vocabulary and the added tokens."""
+    vocab = document.get("model", {}).get("vocab", {})
+    ids = dict(vocab) if isinstance(vocab, dict) else {entry[0]: i for i, entry in enumerate(vocab)}
+    for added in document.get("added_tokens", []):
+        ids[added["content"]] = added["id"]
+    return ids
+
+
+def model_vocab_size(model: Model, ids: dict[str, int]) -> int:
+    size = read_config(model.folder).get("vocab_size")
+    if isinstance(size, int):
+        return size
+    rows = [info.shape[0] for name, info in model.infos.items() if EMBEDDING.search(name) and info.shape]
+    return rows[0] if rows else len(ids)
+
+
+def stripped_tokenizer(document: dict, size: int, label: str) -> dict:
+    """The tokenizer without ids >= the model's vocab_size (padding entries nobody can embed); BPE only."""
+    unused = {token for token, i in token_ids(document).items() if i >= size}
+    if not unused:
+        return document
+    if document.get("model", {}).get("type") != "BPE":
+        raise MergeError(f"{label}: its tokenizer has ids past vocab_size {size}, and only BPE tokenizers can be "
+                         "stripped of them")
+    result = json.loads(json.dumps(document))
+    result["added_tokens"] = [e for e in result.get("added_tokens", []) if e["id"] < size]
+    vocab = result["model"]["vocab"]
+    for token in unused:
+        vocab.pop(token, None)
+
+    def keeps(merge_rule) -> bool:
+        parts = merge_rule.split(" ") if isinstance(merge_rule, str) else merge_rule
+        return not any(part in unused for part in parts)
+
+    result["model"]["merges"] = [m for m in result["model"].get("merges", []) if keeps(m)]
+    return result
+
+
+def added_entry(token: str, token_id: int, settings: dict | None = None) -> dict:
+    """An added_tokens entry as transformers' add_tokens writes it for a plain (non-special) token."""
+    entry = {"id": token_id, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": True, "special": False}
+    if settings:
+        entry.update({k: v for k, v in settings.items() if k in entry and k != "id"})
+    return entry
+
+
+def plan_vocabulary(recipe: Recipe, models: list[Model], groups: list[Group], reporter: Reporter) -> Vocabulary | None:
+    """The output vocabulary, each model's token ids, and the output's tokenizer files."""
+    setting = recipe.tokenizer
+    if setting is None:
+        return None
+    source = setting["source"]
+    first = groups[0]
+    base_position = first.sources[-1] if first.base or recipe.base else first.sources[0]
+    if recipe.base:
+        base_position = next((p for g in groups for p in g.sources if models[p].label == recipe.base), base_position)
+    base_model = models[base_position]
+    documents = [read_tokenizer(m) for m in models]
+    base_document = documents[base_position]
+    if base_document is None:
+        raise MergeError(f"{base_model.label}: no tokenizer.json, so its vocabulary cannot be aligned")
+    sizes = []
+    for model, document in zip(models, documents):
+        if document is None:
+            reporter.warn("tokenizer", f"{model.label} has no tokenizer.json: taken to share {base_model.label}'s")
+        sizes.append(model_vocab_size(model, token_ids(document or base_document)))
+    base_stripped = stripped_tokenizer(base_document, sizes[base_position], base_model.label)
+    files: dict[str, bytes | str] = {}
+    if source == "base":
+        out_document = base_stripped
+        files_from = base_model.folder
+    elif source == "union":
+        out_document = union_tokenizer(base_stripped, documents, sizes, base_position)
+        files_from = base_model.folder
+    else:
+        chosen = next((i for i, m in enumerate(models) if m.label == source or _same_path(m, source)), None)
+        if chosen is None:
+            raise MergeError(f"tokenizer_source {source}: not one of the merged models (give base, union or a model's path)")
+        out_document, files_from = documents[chosen], models[chosen].folder
+        if out_document is None:
+            raise MergeError(f"tokenizer_source {source}: that model has no tokenizer.json")
+    overrides = setting.get("tokens") or {}
+    tokens = token_ids(out_document)
+    for token in overrides:
+        if token not in tokens:
+            out_document = json.loads(json.dumps(out_document))
+            tokens[token] = len(tokens)
+            out_document.setdefault("added_tokens", []).append(added_entry(token, tokens[token]))
+    ids = [{t: i for t, i in token_ids(d or base_document).items() if i < size} for d, size in zip(documents, sizes)]
+    rows = len(tokens)
+    pad = setting.get("pad_to_multiple_of")
+    if pad and rows % pad:
+        rows += pad - rows % pad
+    for name in TOKENIZER_FILES:
+        path = os.path.join(files_from, name) if files_from else ""
+        if path and os.path.isfile(path):
+            files[name] = path
+    original = documents[next(i for i, m in enumerate(models) if m.folder == files_from)] if files_from else None
+    if original is None or token_ids(out_document) != token_ids(original):
+        files["tokenizer.json"] = (json.dumps(out_document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+        files.update(tokenizer_side_files(files_from, out_document))
+    return Vocabulary(tokens, ids, rows, overrides, files, base_position if first.base or recipe.base else None)
+
+
+def warn_on_different_tokenizers(models: list[Model], reporter: Reporter) -> None:
+    """Same-sized vocabularies can still map ids to different tokens: say so, since that merge is garbage."""
+    seen = None
+    for model in models:
+        try:
+            document = read_tokenizer(model)
+        except MergeError:
+            continue
+        if document is None:
+            continue
+        ids = token_ids(document)
+        if seen is not None and ids != seen[1]:
+            reporter.warn("tokenizers", f"{model.label} and {seen[0]} have different tokenizers; "
+                                        "--tokenizer-source union (or base) aligns their embeddings")
+            return
+        seen = seen or (model.label, ids)
+
+
+def _same_path(model: Model, path: str) -> bool:
+    return os.path.exists(path) and os.path.realpath(path) == _identity(model)
+
+
+def union_tokenizer(base: dict, documents: list, sizes: list[int], base_position: int) -> dict:
+    """The base vocabulary, then each model's other tokens (below its vocab_size), then added tokens (first
+    definition wins): new tokens become added tokens of the base tokenizer, as transformers' add_tokens does."""
+    result = json.loads(json.dumps(base))
+    known = token_ids(result)
+    next_id = max(known.values(), default=-1) + 1
+    order = [base_position] + [i for i in range(len(documents)) if i != base_position]
+    plain, added = [], {}
+    for i in order:
+        document = documents[i]
+        if document is None:
+            continue
+        specials = {e["content"]: e for e in document.get("added_tokens", [])}
+        for token, token_id in sorted(token_ids(document).items(), key=lambda item: item[1]):
+            if token_id >= sizes[i]:
+                continue
+            if token in specials:
+                added.setdefault(token, specials[token])
+            elif token not in known and token not in plain:
+                plain.append(token)
+    for token in plain:
+        if token not in added:
+            result.setdefault("added_tokens", []).append(added_entry(token, next_id))
+            known[token] = next_id
+            next_id += 1
+    for token, entry in added.items():
+        if token not in known:
+            result.setdefault("added_tokens", []).append(added_entry(token, next_id, entry))
+            known[token] = next_id
+            next_id += 1
+    return result
+
+
+def tokenizer_side_files(folder: str | None, document: dict) -> dict[str, bytes]:
+    """tokenizer_config.json's added_tokens_decoder and added_tokens.json made to match tokenizer.json."""
+    files = {}
+    entries = {e["id"]: e for e in document.get("added_tokens", [])}
+    config_path = os.path.join(folder, "tokenizer_config.json") if folder else ""
+    if config_path and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        if isinstance(config, dict):
+            config["added_tokens_decoder"] = {
+                str(i): {k: v for k, v in e.items() if k != "id"} for i, e in sorted(entries.items())}
+            files["tokenizer_config.json"] = (json.dumps(config, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    added_path = os.path.join(folder, "added_tokens.json") if folder else ""
+    if added_path and os.path.isfile(added_path):
+        files["added_tokens.json"] = (json.dumps({e["content"]: i for i, e in sorted(entries.items())},
+                                                 ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    return files
+
+
+def vocabulary_alignment(vocabulary: Vocabulary, models: list[Model], tensor: OutputTensor, axis: int,
+                         reporter: Reporter) -> Alignment:
+    """Row maps and fallback rows of one vocabulary tensor, by mergekit's rules."""
+    positions = tensor.group.sources
+    rows_held = [models[p].infos[n].shape[axis] for p, n in zip(positions, tensor.reads)]
+    index = [[-1] * len(vocabulary.tokens) for _ in positions]
+    for r, (token, _) in enumerate(sorted(vocabulary.tokens.items(), key=lambda item: item[1])):
+        for j, p in enumerate(positions):
+            row = vocabulary.ids[p].get(token, -1)
+            index[j][r] = row if row < rows_held[j] else -1
+    order = sorted(vocabulary.tokens.items(), key=lambda item: item[1])
+    fallback, fallback_rows, forced, missing = [], [], [], []
+    for r, (token, _) in enumerate(order):
+        holders = [j for j in range(len(positions)) if index[j][r] >= 0]
+        setting = vocabulary.overrides.get(token)
+        forced.append(bool(setting and setting.get("force")))
+        source = override_source(setting, models, positions, vocabulary) if setting else None
+        if source is not None:
+            fallback.append(source[0])
+            fallback_rows.append(source[1] if source[1] is not None else max(index[source[0]][r], 0))
+        elif len(holders) == 1:
+            fallback.append(holders[0])
+            fallback_rows.append(index[holders[0]][r])
+        elif not holders:
+            missing.append(token)
+            fallback.append(methods.ZEROS)
+            fallback_rows.append(0)
+        elif vocabulary.base is not None and vocabulary.base in positions and \
+                index[positions.index(vocabulary.base)][r] >= 0:
+            j = positions.index(vocabulary.base)
+            fallback.append(j)
+            fallback_rows.append(index[j][r])
+        else:
+            fallback.append(methods.MEAN_OF_HOLDERS)
+            fallback_rows.append(0)
+    if missing:
+        reporter.warn("token-zero", f"tensor {tensor.name}: {len(missing)} tokens are in no model "
+                                    f"({', '.join(map(repr, missing[:3]))}); their rows are zeros")
+    return Alignment(index, fallback, fallback_rows, forced, vocabulary.rows, axis)
+
+
+def override_source(setting: dict, models: list[Model], positions: list[int], vocabulary: Vocabulary):
+    """A `tokens:` entry's row source: (read position or ZEROS, row or None for the same token's row)."""
+    source = setting.get("source")
+    if isinstance(source, dict) and source.get("kind") == "zero":
+        return methods.ZEROS, 0
+    model = source.get("model") if isinstance(source, dict) else source
+    matches = [j for j, p in enumerate(positions) if models[p].label == model or _same_path(models[p], str(model))]
+    if not matches:
+        raise MergeError(f"tokenizer tokens: {model} is not one of the merged models")
+    j = matches[0]
+    if isinstance(source, dict) and source.get("kind") == "model_token":
+        if "token_id" in source:
+            return j, int(source["token_id"])
+        row = vocabulary.ids[positions[j]].get(source.get("token"))
+        if row is None:
+            raise MergeError(f"tokenizer tokens: token {source.get('token')!r} is not in {model}'s vocabulary")
+        return j, row
+    return j, None
+
+
+# ---------------------------------------------------------------------------------------------------
 # planning: models opened (headers only), every output tensor decided, every check done
 
 
@@ -667,6 +982,7 @@ class Job:
     scope: str = methods.ELEMENTWISE  # how `func` is fed: chunks, or whole tensors
     base: bool = False  # pass the last input as `base=`
     seed: int | None = None  # the seed of this tensor's generator, for random methods
+    align: Alignment | None = None  # vocabulary tensors: the inputs' rows re-indexed first
 
 
 @dataclass
@@ -1034,10 +1350,14 @@ def resolve_params(recipe: Recipe, group: Group, tensor: OutputTensor) -> tuple[
     return resolved, missing
 
 
-def check_shapes(recipe: Recipe, models: list[Model], tensors: list[OutputTensor], truncate: bool,
-                 reporter: Reporter) -> dict[str, tuple[int, ...]]:
-    """Output shapes; differing vocabulary sizes are an error, or truncated with --unsafe-truncate-embeddings."""
-    problems, shapes = [], {}
+def check_shapes(models: list[Model], tensors: list[OutputTensor], vocabulary: Vocabulary | None, truncate: bool,
+                 reporter: Reporter) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Output shapes, and the vocabulary tensors to re-index (name -> token axis).
+
+    Differing vocabulary sizes are an error unless a tokenizer source aligns them or truncation is asked
+    for; any other shape mismatch is an error.
+    """
+    problems, shapes, aligned = [], {}, {}
     for tensor in tensors:
         infos = [models[p].infos[n] for p, n in zip(tensor.group.sources, tensor.reads)]
         labels = [models[p].label for p in tensor.group.sources]
@@ -1046,16 +1366,23 @@ def check_shapes(recipe: Recipe, models: list[Model], tensors: list[OutputTensor
             problems.append(f"tensor {tensor.name} is floating point in some models only: {kinds}")
             continue
         shapes[tensor.name] = infos[0].shape
-        if all(info.shape == infos[0].shape for info in infos):
-            continue
         listing = ", ".join(f"{label} {list(info.shape)}" for label, info in zip(labels, infos))
         axis = vocabulary_axis(tensor.name, [info.shape for info in infos])
+        if vocabulary is not None and axis is not None and infos[0].is_float:
+            shape = list(infos[0].shape)
+            shape[axis] = vocabulary.rows
+            shapes[tensor.name] = tuple(shape)
+            aligned[tensor.name] = axis
+            continue
+        if all(info.shape == infos[0].shape for info in infos):
+            continue
         if axis is None:
             problems.append(f"tensor {tensor.name} has different shapes: {listing}")
         elif not truncate:
             problems.append(f"tensor {tensor.name} has different vocabulary sizes: {listing}; the models use different "
-                            "tokenizers. --unsafe-truncate-embeddings keeps the common first rows (only right if "
-                            "those ids mean the same tokens in every model)")
+                            "tokenizers. Align them with --tokenizer-source union (or base, or a model's path; "
+                            "tokenizer_source: in a recipe), or keep the common first rows with "
+                            "--unsafe-truncate-embeddings (only right if those ids mean the same tokens everywhere)")
         else:
             shape = list(infos[0].shape)
             shape[axis] = min(info.shape[axis] for info in infos)
@@ -1065,20 +1392,21 @@ def check_shapes(recipe: Recipe, models: list[Model], tensors: list[OutputTensor
     if problems:
         more = [f"and {len(problems) - 5} more tensors differ"] if len(problems) > 5 else []
         raise MergeError(*problems[:5], *more)
-    return shapes
+    return shapes, aligned
 
 
 def vocabulary_axis(name: str, shapes: list[tuple[int, ...]]) -> int | None:
-    """The token axis of a vocabulary tensor whose shapes differ only there (so a prefix is contiguous)."""
+    """The token axis of a vocabulary tensor (rows of an embedding or head, the columns of a [1, V] bias),
+    provided the shapes differ nowhere else; None for any other tensor."""
     if not VOCABULARY.search(name) and not name.endswith("final_logits_bias"):
         return None
     first = shapes[0]
-    if any(len(s) != len(first) for s in shapes) or not first:
+    if not first or any(len(s) != len(first) for s in shapes):
         return None
-    differing = {i for s in shapes for i in range(len(first)) if s[i] != first[i]}
-    if differing == {0} or (differing == {1} and len(first) == 2 and first[0] == 1):
-        return differing.pop()
-    return None
+    axis = 1 if len(first) == 2 and first[0] == 1 and name.endswith("bias") else 0
+    if any(s[i] != first[i] for s in shapes for i in range(len(first)) if i != axis):
+        return None
+    return axis
 
 
 def promoted(dtypes: Sequence[str]) -> str:
@@ -1208,6 +1536,8 @@ def recipe_document(recipe: Recipe) -> dict:
     for key, value in (("dtype", recipe.dtype), ("out_dtype", recipe.out_dtype), ("seed", recipe.seed)):
         if value is not None:
             doc[key] = value
+    if recipe.tokenizer:
+        doc["tokenizer"] = recipe.tokenizer
     return doc
 
 
@@ -1230,7 +1560,7 @@ def updated_config(path: str, out_dtype: str | None, layer_map: list[int] | None
         for key, value in config.items():
             if isinstance(value, list) and source_count and len(value) == source_count:
                 changed[key] = [value[k] for k in layer_map]  # e.g. Qwen2's layer_types
-    if vocab_size is not None and isinstance(config.get("vocab_size"), int) and config["vocab_size"] > vocab_size:
+    if vocab_size is not None and isinstance(config.get("vocab_size"), int):
         changed["vocab_size"] = vocab_size
     if changed == config:
         return path
@@ -1331,6 +1661,8 @@ def build_recipe(args: argparse.Namespace, reporter: Reporter) -> Recipe:
     for field_name, value in (("dtype", args.compute_dtype), ("out_dtype", args.dtype), ("seed", args.seed)):
         if value is not None:
             setattr(recipe, field_name, value)
+    if args.tokenizer_source:
+        recipe.tokenizer = {**(recipe.tokenizer or {}), "source": args.tokenizer_source}
     return recipe
 
 
@@ -1354,7 +1686,10 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
     given = args.models if not recipe.from_config else [s.path for p in recipe.slices for s in p.sources]
     check_output(options.target, args.output, models, list(given) + ([recipe.base] if recipe.base else []),
                  args.overwrite)
-    shapes = check_shapes(recipe, models, tensors, args.unsafe_truncate_embeddings, reporter)
+    vocabulary = plan_vocabulary(recipe, models, groups, reporter)
+    if vocabulary is None:
+        warn_on_different_tokenizers(models, reporter)
+    shapes, aligned = check_shapes(models, tensors, vocabulary, args.unsafe_truncate_embeddings, reporter)
     jobs, problems = [], []
     for tensor in tensors:
         group = tensor.group
@@ -1386,7 +1721,10 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
             matrix = takes_matrix_path(tensor.name, TensorInfo(out, shape))
             func, scope = (method.func, methods.WHOLE) if matrix else (method.fallback, methods.ELEMENTWISE)
         seed = tensor_seed(options.seed, tensor.name) if method.random else None
-        jobs.append(Job(tensor.name, TensorInfo(out, shape), reads, params, compute, func, scope, group.base, seed))
+        align = (vocabulary_alignment(vocabulary, models, tensor, aligned[tensor.name], reporter)
+                 if tensor.name in aligned else None)
+        jobs.append(Job(tensor.name, TensorInfo(out, shape), reads, params, compute, func, scope, group.base, seed,
+                        align))
     if problems:
         raise MergeError(*problems)
     names = [job.name for job in jobs]
@@ -1403,14 +1741,19 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
     out_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
     truncated = [shapes[t.name][0] for t in tensors if EMBEDDING.search(t.name) and
                  shapes[t.name] != models[t.group.sources[0]].infos[t.reads[0]].shape]
+    vocab_size = vocabulary.rows if vocabulary else min(truncated) if truncated else None
 
     donor = models[groups[0].sources[groups[0].donor]]
     copy_extra = target.is_folder if args.copy_extra_files is None else args.copy_extra_files
     extra: dict[str, str | bytes] = {}
     if copy_extra and donor.folder and os.path.realpath(donor.folder) != os.path.realpath(target.folder):
         for file_name, path in extra_files(donor.folder, skip={target.weights_name or ""}).items():
-            extra[file_name] = (updated_config(path, out_dtype, layer_map, min(truncated) if truncated else None)
+            if vocabulary is not None and file_name in TOKENIZER_FILES:
+                continue
+            extra[file_name] = (updated_config(path, out_dtype, layer_map, vocab_size)
                                 if file_name == "config.json" else path)
+    if copy_extra and vocabulary is not None:
+        extra.update(vocabulary.files)
     document = recipe_document(recipe)
     if target.is_folder:
         extra["README.md"] = model_card(document, method, target.folder)
@@ -1459,7 +1802,7 @@ class ByteBudget:
 
 def job_blocks(plan: Plan, job: Job) -> list[tuple[int, int]]:
     """Element ranges read at a time: blocks for element-wise work, the whole tensor otherwise."""
-    if job.params is not None and job.scope != methods.ELEMENTWISE:
+    if job.params is not None and (job.scope != methods.ELEMENTWISE or job.align is not None):
         return [(0, job.out.numel)]
     return list(iter_blocks(job.out.numel, BLOCK))
 
@@ -1485,12 +1828,13 @@ class ReadAhead:
         try:
             for job in self.plan.jobs:
                 for start, stop in job_blocks(self.plan, job):
-                    for i, name in job.reads:
-                        model = self.plan.models[i]
-                        size = (stop - start) * ITEMSIZE[model.infos[name].dtype]
+                    for read in job.reads:
+                        first, last = read_span(self.plan, job, read, start, stop)
+                        model = self.plan.models[read[0]]
+                        size = (last - first) * ITEMSIZE[model.infos[read[1]].dtype]
                         if not self.budget.acquire(size):
                             return
-                        self._put((model.read(name, start, stop), size))
+                        self._put((model.read(read[1], first, last), size))
         except BaseException as err:  # handed to the main thread, which reports it
             self._put(err)
 
@@ -1514,8 +1858,13 @@ class ReadAhead:
             self.thread.join()
 
 
+def read_span(plan: Plan, job: Job, read: tuple[int, str], start: int, stop: int) -> tuple[int, int]:
+    """The elements of one input read for an output block: a vocabulary tensor to re-index is read whole."""
+    return (0, plan.models[read[0]].infos[read[1]].numel) if job.align is not None else (start, stop)
+
+
 def _block_bytes(plan: Plan, job: Job, read: tuple[int, str]) -> int:
-    start, stop = job_blocks(plan, job)[0]
+    start, stop = read_span(plan, job, read, *job_blocks(plan, job)[0])
     return max(stop - start, 1) * ITEMSIZE[plan.models[read[0]].infos[read[1]].dtype]
 
 
@@ -1592,13 +1941,27 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, r
     for _ in job_blocks(plan, job):
         items = [reader.take() for _ in job.reads]
         try:
-            out = items[0][0] if job.params is None else _merge_reporting(plan, job, [t for t, _ in items], reporter)
+            inputs = [t for t, _ in items]
+            if job.align is not None:
+                inputs = aligned_inputs(plan, job, inputs)
+            out = inputs[0] if job.params is None else _merge_reporting(plan, job, inputs, reporter)
             # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
             for start, stop in iter_blocks(out.numel(), BLOCK):
                 writer.write(job.name, out[start:stop].to(device="cpu", dtype=dtype))
         finally:
             for _, size in items:
                 reader.budget.release(size)
+
+
+def aligned_inputs(plan: Plan, job: Job, inputs: list) -> list:
+    """The inputs of a vocabulary tensor with their token rows re-indexed to the output vocabulary."""
+    import torch
+
+    a = job.align
+    shaped = [x.reshape(plan.models[i].infos[n].shape).movedim(a.axis, 0) for x, (i, n) in zip(inputs, job.reads)]
+    aligned = methods.align_vocabulary(shaped, torch.tensor(a.index), torch.tensor(a.fallback),
+                                       torch.tensor(a.fallback_rows), torch.tensor(a.forced, dtype=torch.bool), a.rows)
+    return [t.movedim(0, a.axis).contiguous().reshape(-1) for t in aligned]
 
 
 def _merge_reporting(plan: Plan, job: Job, inputs: list, reporter: Reporter):

@@ -252,6 +252,49 @@ def combine(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
     return out.reshape(tensors[0].shape)
 
 
+MEAN_OF_HOLDERS, ZEROS = -1, -2  # row sources in align_vocabulary, besides a model index
+
+
+def align_vocabulary(tensors: Sequence[Tensor], index: Tensor, fallback: Tensor, fallback_rows: Tensor,
+                     forced: Tensor, rows: int) -> list[Tensor]:
+    """Each model's token rows re-indexed to a shared vocabulary (token axis first).
+
+    index[i, r] is model i's row for output token r, or -1 where it lacks the token. A model that lacks
+    a token, or every model where forced[r], gets the token's fallback row: model k's row
+    fallback_rows[r] (fallback[r] = k), the mean of the rows of the models that have it
+    (MEAN_OF_HOLDERS), or zeros (ZEROS). Rows past the vocabulary, up to `rows`, are padding: the mean of
+    that model's real rows.
+    """
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    tensors = [t.to(dtype) for t in tensors]
+    vocab = index.shape[1]
+    present = index >= 0
+    default = torch.zeros((vocab, *tensors[0].shape[1:]), dtype=dtype, device=tensors[0].device)
+    for k, tensor in enumerate(tensors):
+        chosen = fallback == k
+        default[chosen] = tensor[fallback_rows[chosen]]
+    averaged = fallback == MEAN_OF_HOLDERS
+    if averaged.any():
+        total = torch.zeros_like(default[averaged])
+        for tensor, row, has in zip(tensors, index, present):
+            mask = has[averaged]
+            total[mask] += tensor[row[averaged][mask]]
+        count = present[:, averaged].sum(dim=0).clamp(min=1).to(dtype)
+        default[averaged] = total / count.reshape(-1, *[1] * (total.ndim - 1))
+    aligned = []
+    for tensor, row, has in zip(tensors, index, present):
+        own = has & ~forced
+        out = torch.empty((rows, *tensor.shape[1:]), dtype=dtype, device=tensor.device)
+        out[:vocab] = default
+        out[:vocab][own] = tensor[row[own]]
+        if rows > vocab:
+            out[vocab:] = out[:vocab].mean(dim=0)
+        aligned.append(out)
+    return aligned
+
+
 # ---------------------------------------------------------------------------------------------------
 # the seed methods: moving averages of training snapshots
 
