@@ -484,12 +484,8 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
     problems += found
     slices = []
     if isinstance(data.get("models"), list) and data["models"]:
-        sources = []
-        for i, entry in enumerate(data["models"]):
-            source, found = config_source(method, entry, f"models[{i}]", with_layers=False)
-            problems += found
-            if source:
-                sources.append(source)
+        sources, found = config_sources(method, data["models"], "models", with_layers=False)
+        problems += found
         slices.append(Slice(sources))
     elif "models" in data:
         problems.append("models: must be a list of {model: PATH, parameters: {...}}")
@@ -505,12 +501,8 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
                 reporter.warn("residual", f"{where}: residual_weight is ignored (mergekit does not use it either)")
             slice_settings, found = config_settings(method, entry.get("parameters"), f"{where}.parameters", "slice")
             problems += found
-            sources = []
-            for j, raw in enumerate(entry["sources"]):
-                source, found = config_source(method, raw, f"{where}.sources[{j}]", with_layers=True)
-                problems += found
-                if source:
-                    sources.append(source)
+            sources, found = config_sources(method, entry["sources"], f"{where}.sources", with_layers=True)
+            problems += found
             if entry.get("base_model") is not None:
                 problems += check_model_reference(entry["base_model"], f"{where}.base_model")
             slices.append(Slice(sources, slice_settings, entry.get("base_model")))
@@ -525,6 +517,16 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
         raise MergeError(*problems)
     return Recipe(method, slices, base, settings, data.get("dtype"), data.get("out_dtype"), seed,
                   sliced="slices" in data, from_config=True, tokenizer=tokenizer)
+
+
+def config_sources(method: methods.Method, entries: list, where: str, with_layers: bool) -> tuple[list[Source], list[str]]:
+    sources, problems = [], []
+    for i, entry in enumerate(entries):
+        source, found = config_source(method, entry, f"{where}[{i}]", with_layers)
+        problems += found
+        if source:
+            sources.append(source)
+    return sources, problems
 
 
 def config_source(method: methods.Method, entry, where: str, with_layers: bool) -> tuple[Source | None, list[str]]:
