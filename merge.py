@@ -131,6 +131,11 @@ class Reporter:
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes `-1e-5` and `-inf` for flags ("expected one argument"); they are values to check.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
     def error(self, message: str):  # argparse's usage block would bury the one line that matters
         raise MergeError(message)
 
@@ -174,6 +179,8 @@ def build_parser() -> Parser:
     parser.add_argument("--seed", "--random-seed", type=int, metavar="N",
                         help="seed of random methods: the same seed repeats a merge bit for bit")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--strict", action="store_true",
+                        help="NaN or Inf in a merged tensor is an error (default: a warning naming the tensor)")
     parser.add_argument("--quiet", action="store_true", help="no progress, input order or summary; warnings stay")
     parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     parser.add_argument("--version", action="version", version=f"{TOOL} {__version__}")
@@ -477,6 +484,12 @@ def check_keys(models: list[Model], skip_missing: bool, reporter: Reporter) -> l
         shared &= set(m.infos)
     union = set().union(*(m.infos for m in models))
     missing = sorted(union - shared)
+    depths = [layer_counts(m.infos) for m in models]
+    stack = next((k for k in depths[0] if any(d.get(k) != depths[0][k] for d in depths[1:])), None)
+    if stack is not None and not skip_missing:
+        found = ", ".join(f"{m.label} {d.get(stack, 0)}" for m, d in zip(models, depths))
+        raise MergeError(f"the models have different numbers of layers in {stack}: {found}; "
+                         f"--skip-missing merges the layers they share")
     if missing:
         holes = [f"{name} (missing in {', '.join(m.label for m in models if name not in m.infos)})" for name in missing[:3]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -934,7 +947,7 @@ def merge_block(plan: Plan, job: Job, inputs: list):
     return call([x.to(device=device, dtype=compute).reshape(job.out.shape) for x in inputs]).reshape(-1)
 
 
-def run_merge(plan: Plan, reporter: Reporter) -> None:
+def run_merge(plan: Plan, reporter: Reporter, strict: bool = False) -> None:
     import torch
 
     torch.empty(0)  # finish importing torch here, before the read-ahead thread needs it
@@ -949,7 +962,7 @@ def run_merge(plan: Plan, reporter: Reporter) -> None:
                 writer.open()
                 reader.start()
                 for job in plan.jobs:
-                    _run_job(plan, job, reader, writer, reporter)
+                    _run_job(plan, job, reader, writer, reporter, strict)
                     if progress is not None:
                         progress.update(job.out.nbytes)
                 reader.stop()
@@ -972,18 +985,45 @@ def run_merge(plan: Plan, reporter: Reporter) -> None:
                   f"{plan.output_label} ({_size(total_bytes)}, {files} file{'s' * (files > 1)}) in {seconds:.1f} s")
 
 
-def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter) -> None:
+def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter,
+             strict: bool) -> None:
     dtype = torch_dtype(job.out.dtype)
+    checked = job.params is None  # copied integer tensors cannot hold NaN
     for _ in job_blocks(plan, job):
         items = [reader.take() for _ in job.sources]
         try:
             out = items[0][0] if job.params is None else _merge_reporting(plan, job, [t for t, _ in items], reporter)
             # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
             for start, stop in iter_blocks(out.numel(), BLOCK):
-                writer.write(job.name, out[start:stop].to(device="cpu", dtype=dtype))
+                block = out[start:stop].to(device="cpu", dtype=dtype)
+                if not checked and not all_finite(block):
+                    checked = True
+                    _report_non_finite(plan, job, [t for t, _ in items], reporter, strict)
+                writer.write(job.name, block)
         finally:
             for _, size in items:
                 reader.budget.release(size)
+
+
+def all_finite(tensor) -> bool:
+    """No NaN or Inf. A sum is finite only then (bar overflow), at a small fraction of isfinite's cost."""
+    import torch
+
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    # The cast is free for float32 and float64; float8 has no isfinite of its own.
+    return math.isfinite(torch.sum(tensor, dtype=wide).item()) or bool(torch.isfinite(tensor.to(wide)).all())
+
+
+def _report_non_finite(plan: Plan, job: Job, inputs: list, reporter: Reporter, strict: bool) -> None:
+    """NaN or Inf about to be written: name the inputs that hold them, else blame the arithmetic."""
+    holders = [plan.models[i].label for i, x in zip(job.sources, inputs) if x.is_floating_point() and not all_finite(x)]
+    if holders:
+        message = f"tensor {job.name}: {', '.join(holders)} {'holds' if len(holders) == 1 else 'hold'} NaN or Inf values"
+    else:
+        message = f"tensor {job.name}: the merged values are NaN or Inf (overflow in {job.compute} or {job.out.dtype})"
+    if strict:
+        raise MergeError(f"{message} (--strict)")
+    reporter.warn("non-finite", f"{message}; written as they are (--strict makes this an error)")
 
 
 def _merge_reporting(plan: Plan, job: Job, inputs: list, reporter: Reporter):
@@ -1048,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(arguments)
         plan = plan_merge(args, reporter)
         reporter.flush()
-        run_merge(plan, reporter)
+        run_merge(plan, reporter, strict=args.strict)
     except MergeError as err:
         for line in err.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -1057,7 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
     except Terminated:
-        print("error: terminated; no output was written", file=sys.stderr)
+        print("error: interrupted by SIGTERM; no output was written", file=sys.stderr)
         return 143
     except SystemExit as done:  # --help and --version
         return done.code if isinstance(done.code, int) else 0
