@@ -545,6 +545,10 @@ def output_target(path: str) -> OutputTarget:
                      "(a Hugging Face model folder)")
 
 
+# The weight files and indexes a Hugging Face model folder holds: what an earlier output consists of.
+MODEL_FOLDER_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
 def existing_weights(folder: str) -> list[str]:
     """Weight files and indexes of an earlier output in this folder."""
     try:
@@ -768,7 +772,8 @@ class StreamingWriter:
             os.replace(self.temps[name], os.path.join(folder, name))
         self.temps.clear()
         _fsync_folder(folder)
-        stale = [n for n in before if n not in self.names and n != index_name]
+        # Only the old model's own files: an adapter or a user's file beside it is not ours to delete.
+        stale = [n for n in before if n not in self.names and n != index_name and MODEL_FOLDER_WEIGHTS.fullmatch(n)]
         for name in stale:
             os.unlink(os.path.join(folder, name))
         if stale:

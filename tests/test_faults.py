@@ -499,8 +499,8 @@ def test_merged_values_that_overflow_the_output_dtype_warn_and_strict_refuses(wo
     assert not (workspace / "s.safetensors").exists()
 
 
-def test_all_finite_sees_nan_and_inf_and_survives_a_sum_that_overflows():
-    assert merge.all_finite(torch.full((8,), 3e38))  # the sum overflows; the elements are finite
+def test_all_finite_sees_nan_and_inf_in_every_float_dtype():
+    assert merge.all_finite(torch.full((8,), 3e38))  # a sum would overflow; the elements are finite
     assert merge.all_finite(torch.zeros(0))
     assert merge.all_finite(torch.full((8,), 448.0).to(torch.float8_e4m3fn))
     for bad in (float("nan"), float("inf"), float("-inf")):
@@ -609,6 +609,15 @@ def test_check_storage_refuses_a_tensor_larger_than_its_storage():
     with pytest.raises(io_utils.MergeError, match="x.bin: tensor w needs more bytes than its storage holds"):
         io_utils._check_storage("x.bin", "w", Forged())
     io_utils._check_storage("x.bin", "w", torch.zeros(4)[1:])
+
+
+def test_overwriting_a_folder_removes_the_old_models_files_but_not_its_neighbours(workspace, run):
+    old = save_sharded(workspace / "hf", llama_like(7), shards=3)
+    save_bin(old / "pytorch_model.bin", llama_like(7))
+    save_safetensors(old / "adapter_model.safetensors", {"lora": torch.ones(2)})
+    code, _, err = run("--method", "sma", "--models", M0, M1, "--output", "hf/", "--overwrite", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in old.iterdir()) == ["adapter_model.safetensors", "config.json", "model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------------
