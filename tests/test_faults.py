@@ -127,9 +127,9 @@ def declared_elements(count: int):
     return change
 
 
-def index_folder(folder: str, index: bytes | dict, shard_state: dict | None = None) -> str:
+def index_folder(folder: str, index: bytes | dict) -> str:
     """A model folder with one real shard and the given index text."""
-    save_safetensors(Path(folder) / "model-00001-of-00001.safetensors", shard_state or {"w": torch.ones(4)})
+    save_safetensors(Path(folder) / "model-00001-of-00001.safetensors", {"w": torch.ones(4)})
     raw = index if isinstance(index, bytes) else json.dumps(index).encode()
     write(f"{folder}/model.safetensors.index.json", raw)
     return folder
@@ -144,9 +144,6 @@ class Case:
     id: str
     make: Callable[[], list[str]]  # builds the input, returns the arguments (a default --output is added)
     culprits: tuple[str, ...]  # strings the one error line must hold: the file, tensor or flag
-
-    def __repr__(self) -> str:
-        return self.id
 
 
 def sma_with(bad: str) -> list[str]:
