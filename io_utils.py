@@ -6,6 +6,7 @@ user can cause is raised as `MergeError` with a one-line message that names the 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import json
@@ -15,7 +16,9 @@ import re
 import secrets
 import shutil
 import struct
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -99,7 +102,10 @@ def _pread_exact(fd: int, buffer: memoryview, offset: int, path: str) -> None:
     done = 0
     while done < len(buffer):
         # Linux caps one read at about 2 GiB, so a large tensor takes several.
-        count = os.preadv(fd, [buffer[done:done + (1 << 30)]], offset + done)
+        try:
+            count = os.preadv(fd, [buffer[done:done + (1 << 30)]], offset + done)
+        except OSError as err:
+            raise MergeError(f"{path}: cannot read ({err.strerror})") from None
         if count == 0:
             raise MergeError(f"{path}: file ended early (truncated or changed while reading)")
         done += count
@@ -139,7 +145,7 @@ class SafetensorsFile:
         _pread_exact(self.fd, memoryview(raw), 8, path)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # also bad UTF-8 and integers too long to convert
             raise MergeError(f"{path}: not a safetensors file (its header is not valid JSON)") from None
         if not isinstance(header, dict):
             raise MergeError(f"{path}: safetensors header is not a JSON object")
@@ -184,7 +190,7 @@ def _header_entry(path: str, name: str, entry) -> tuple[TensorInfo, tuple[int, i
     if not isinstance(entry, dict):
         raise bad("header entry is not an object")
     code, shape, span = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise bad(f"unsupported dtype {code!r}")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise bad(f"invalid shape {shape!r}")
@@ -237,23 +243,55 @@ class TorchFile:
 def _torch_load(path: str):
     import pickle
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # legacy (pre-zip) files cannot be mapped; they load without it
+    _check_container(path)
+    # torch warns about pickle protocols it did not write; a file we refuse or accept needs no second line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+            # Legacy (pre-zip) files cannot be mapped; they load without it.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError as err:
+            raise MergeError(f"{path}: not a plain weights file, so it was not loaded: "
+                             f"{_refusal(err)}") from None
+        except OSError as err:
+            if err.errno is None:  # torch's own complaints about the archive
+                raise MergeError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+            raise MergeError(f"{path}: cannot read ({err.strerror})") from None
+        except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                struct.error, zipfile.BadZipFile) as err:
             raise MergeError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
-    except pickle.UnpicklingError as err:
-        raise MergeError(f"{path}: not a plain weights file: it would run code or build objects when "
-                         f"unpickled, so it was not loaded ({_first_line(err)})") from None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError, TypeError, struct.error) as err:
-        raise MergeError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80  # the first opcode of every pickle of protocol 2 or later, as torch.save writes
+
+
+def _check_container(path: str) -> None:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle); anything else is refused unread."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as err:
-        raise MergeError(f"{path}: not a plain weights file: it would run code or build objects when "
-                         f"unpickled, so it was not loaded ({_first_line(err)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as err:
-        raise MergeError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise MergeError(f"{path}: cannot read ({err.strerror})") from None
+    if not head:
+        raise MergeError(f"{path}: not a PyTorch checkpoint (the file is empty)")
+    if head != ZIP_MAGIC and head[0] != PICKLE_PROTO:
+        raise MergeError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+
+
+def _refusal(err: BaseException) -> str:
+    """What the weights-only unpickler refused, from its long advice text."""
+    text = str(err)
+    called = re.search(r"GLOBAL (\S+?)\.? ", text)
+    if called:
+        return f"loading it would call {called.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return f"its pickle does what a weights file does not need ({detail.group(1).strip() if detail else _first_line(err)})"
 
 
 def _first_line(err: BaseException) -> str:
@@ -380,7 +418,10 @@ def sort_names(names: Iterable[str], natural: bool) -> list[str]:
 
 def expand_series(folder: str, natural: bool) -> list[str]:
     """The checkpoints of a folder that holds several: weight files, or subfolders holding one model each."""
-    entries = [e for e in os.listdir(folder) if not e.startswith(".")]
+    try:
+        entries = [e for e in os.listdir(folder) if not e.startswith(".")]
+    except OSError as err:
+        raise MergeError(f"{folder}: cannot list this folder ({err.strerror})") from None
     files = [e for e in entries if os.path.isfile(os.path.join(folder, e))]
     found = [e for e in files if e.endswith(".safetensors")]
     if not found:
@@ -402,7 +443,18 @@ def resolve_input(path: str, natural: bool) -> list[str] | None:
     if os.path.exists(path):
         if not path.endswith(WEIGHT_SUFFIXES):
             raise MergeError(f"{path}: not a checkpoint (expected .safetensors, .bin, .pt, .pth or .ckpt)")
+        if not os.path.isfile(path):  # a pipe or a device would block or never end
+            raise MergeError(f"{path}: not a regular file")
         return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise MergeError(f"{path}: symbolic link loop ({err.strerror})") from None
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise MergeError(f"{path}: cannot open ({err.strerror})") from None
+    except ValueError:  # a NUL byte in the name
+        raise MergeError(f"{path!r}: not a valid path") from None
     if os.path.islink(path):
         raise MergeError(f"{path}: broken symbolic link")
     if has_glob(path):
@@ -494,12 +546,18 @@ def output_target(path: str) -> OutputTarget:
                      "(a Hugging Face model folder)")
 
 
+# The weight files and indexes a Hugging Face model folder holds: what an earlier output consists of.
+MODEL_FOLDER_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
 def existing_weights(folder: str) -> list[str]:
     """Weight files and indexes of an earlier output in this folder."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return []
+    except OSError as err:
+        raise MergeError(f"{folder}: cannot list the output folder ({err.strerror})") from None
     return sorted(n for n in names if n.endswith((".safetensors", ".index.json"))
                   or re.fullmatch(r"pytorch_model.*\.bin", n))
 
@@ -590,6 +648,24 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def _write_synced(path: str, content: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _copy_synced(source: str, path: str) -> None:
+    try:
+        original = open(source, "rb")
+    except OSError as err:  # named here: the output's own errors are reported by the writer
+        raise MergeError(f"{source}: cannot copy it into the output ({err.strerror})") from None
+    with original, open(path, "xb") as handle:
+        shutil.copyfileobj(original, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _temp_name(folder: str, name: str, token: str) -> str:
     return os.path.join(folder, f".{name}.{token}.tmp")
 
@@ -617,8 +693,21 @@ class StreamingWriter:
         self.fd: int | None = None
         self.written = 0
 
+    @contextmanager
+    def _reporting_os_errors(self) -> Iterator[None]:
+        """Disk full, file too large, read-only or vanished folder: one line naming the output."""
+        try:
+            yield
+        except OSError as err:
+            raise MergeError(f"{self.label}: cannot write the output ({err.strerror})") from None
+
+    @property
+    def label(self) -> str:
+        return os.path.join(self.target.folder, self.target.weights_name or "")
+
     def open(self) -> None:
-        self._open_shard(0)
+        with self._reporting_os_errors():
+            self._open_shard(0)
 
     def _open_shard(self, shard: int) -> None:
         if self.fd is not None:
@@ -644,12 +733,13 @@ class StreamingWriter:
         shard, expected, info = self.queue[self.position]
         if name != expected:
             raise RuntimeError(f"writer expected {expected}, got {name}")
-        if shard != self.current_shard:
-            self._open_shard(shard)
         raw = data.detach().contiguous().reshape(-1).view(torch.uint8)
         if raw.numel() > self.remaining:
             raise RuntimeError(f"{name}: {raw.numel()} bytes written where {self.remaining} were left")
-        self._write(memoryview(raw.numpy()))
+        with self._reporting_os_errors():
+            if shard != self.current_shard:
+                self._open_shard(shard)
+            self._write(memoryview(raw.numpy()))
         self.remaining -= raw.numel()
         self.written += raw.numel()
         if self.remaining == 0:  # this tensor is complete (an empty one with its single empty write)
@@ -662,6 +752,10 @@ class StreamingWriter:
 
         Returns the names of stale weight files of an earlier output that were removed.
         """
+        with self._reporting_os_errors():
+            return self._commit(overwrite)
+
+    def _commit(self, overwrite: bool) -> list[str]:
         if self.position < len(self.queue):
             raise RuntimeError(f"writer closed before {self.queue[self.position][1]} was written")
         for shard in range(self.current_shard + 1, len(self.shards)):  # shards that hold only empty tensors
@@ -675,14 +769,9 @@ class StreamingWriter:
             path = _temp_name(folder, name, self.token)
             self.temps[name] = path
             if isinstance(content, bytes):
-                with open(path, "xb") as handle:
-                    handle.write(content)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                _write_synced(path, content)
             else:
-                shutil.copyfile(content, path)
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                _copy_synced(content, path)
         index_name = None
         if self.target.is_folder and len(self.names) > 1:
             index_name = "model.safetensors.index.json"
@@ -691,10 +780,7 @@ class StreamingWriter:
             index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
             path = _temp_name(folder, index_name, self.token)
             self.temps[index_name] = path
-            with open(path, "x", encoding="utf-8") as handle:
-                handle.write(index)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_synced(path, index.encode("utf-8"))
         last = index_name or self.names[0]
         for name in [n for n in self.temps if n != last] + [last]:
             if not overwrite and os.path.exists(os.path.join(folder, name)) and name in self.names + [index_name]:
@@ -702,7 +788,8 @@ class StreamingWriter:
             os.replace(self.temps[name], os.path.join(folder, name))
         self.temps.clear()
         _fsync_folder(folder)
-        stale = [n for n in before if n not in self.names and n != index_name]
+        # Only the old model's own files: an adapter or a user's file beside it is not ours to delete.
+        stale = [n for n in before if n not in self.names and n != index_name and MODEL_FOLDER_WEIGHTS.fullmatch(n)]
         for name in stale:
             os.unlink(os.path.join(folder, name))
         if stale:

@@ -132,6 +132,11 @@ class Reporter:
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes `-1e-5` and `-inf` for flags ("expected one argument"); they are values to check.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
     def error(self, message: str):  # argparse's usage block would bury the one line that matters
         raise MergeError(message)
 
@@ -189,6 +194,8 @@ def build_parser() -> Parser:
     parser.add_argument("--json", action="store_true", help="print a JSON summary of the run on stdout")
     parser.add_argument("--jobs", metavar="FILE",
                         help="run one merge per line of FILE (its flags, then these); report each, go on after failures")
+    parser.add_argument("--strict", action="store_true",
+                        help="NaN or Inf in a merged tensor is an error (default: a warning naming the tensor)")
     parser.add_argument("--quiet", action="store_true", help="no progress, input order or summary; warnings stay")
     parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     parser.add_argument("--version", action="version", version=f"{TOOL} {__version__}")
@@ -1185,6 +1192,12 @@ def group_names(models: list[Model], skip_missing: bool, reporter: Reporter) -> 
             missing.append(name)
         else:
             reads[name] = names
+    depths = [layer_counts(m.infos) for m in models]
+    stack = next((k for k in depths[0] if any(d.get(k) != depths[0][k] for d in depths[1:])), None)
+    if stack is not None and not skip_missing:
+        found = ", ".join(f"{m.label} {d.get(stack, 0)}" for m, d in zip(models, depths))
+        raise MergeError(f"the models have different numbers of layers in {stack}: {found}; "
+                         f"--skip-missing merges the layers they share")
     if missing:
         holes = [f"{n} (missing in {', '.join(m.label for m in models if n not in m.infos)})" for n in missing[:3]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -1895,7 +1908,7 @@ def merge_block(plan: Plan, job: Job, inputs: list):
     return call([x.to(device=device, dtype=compute).reshape(job.out.shape) for x in inputs]).reshape(-1)
 
 
-def run_merge(plan: Plan, reporter: Reporter) -> dict:
+def run_merge(plan: Plan, reporter: Reporter, strict: bool = False) -> dict:
     """Merge and write; returns the run's summary."""
     import torch
 
@@ -1912,7 +1925,7 @@ def run_merge(plan: Plan, reporter: Reporter) -> dict:
                 writer.open()
                 reader.start()
                 for job in plan.jobs:
-                    _run_job(plan, job, reader, writer, reporter)
+                    _run_job(plan, job, reader, writer, reporter, strict)
                     if progress is not None:
                         progress.update(job.out.nbytes)
                 reader.stop()
@@ -1938,8 +1951,10 @@ def run_merge(plan: Plan, reporter: Reporter) -> dict:
             "seed": plan.recipe.get("seed")}
 
 
-def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter) -> None:
+def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter,
+             strict: bool) -> None:
     dtype = torch_dtype(job.out.dtype)
+    checked = job.params is None  # copied integer tensors cannot hold NaN
     for _ in job_blocks(plan, job):
         items = [reader.take() for _ in job.reads]
         try:
@@ -1949,7 +1964,11 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, r
             out = inputs[0] if job.params is None else _merge_reporting(plan, job, inputs, reporter)
             # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
             for start, stop in iter_blocks(out.numel(), BLOCK):
-                writer.write(job.name, out[start:stop].to(device="cpu", dtype=dtype))
+                block = out[start:stop].to(device="cpu", dtype=dtype)
+                if not checked and not all_finite(block):
+                    checked = True
+                    _report_non_finite(plan, job, [t for t, _ in items], reporter, strict)
+                writer.write(job.name, block)
         finally:
             for _, size in items:
                 reader.budget.release(size)
@@ -1964,6 +1983,30 @@ def aligned_inputs(plan: Plan, job: Job, inputs: list) -> list:
     aligned = methods.align_vocabulary(shaped, torch.tensor(a.index), torch.tensor(a.fallback),
                                        torch.tensor(a.fallback_rows), torch.tensor(a.forced, dtype=torch.bool), a.rows)
     return [t.movedim(0, a.axis).contiguous().reshape(-1) for t in aligned]
+
+
+def all_finite(tensor) -> bool:
+    """No NaN or Inf: the extremes are finite only then (one pass, no overflow, and NaN propagates)."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    if tensor.element_size() == 1:  # float8 has no aminmax of its own
+        tensor = tensor.float()
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(low.item()) and math.isfinite(high.item())
+
+
+def _report_non_finite(plan: Plan, job: Job, inputs: list, reporter: Reporter, strict: bool) -> None:
+    """NaN or Inf about to be written: name the inputs that hold them, else blame the arithmetic."""
+    holders = [plan.models[i].label for (i, _), x in zip(job.reads, inputs) if x.is_floating_point() and not all_finite(x)]
+    if holders:
+        message = f"tensor {job.name}: {', '.join(holders)} {'holds' if len(holders) == 1 else 'hold'} NaN or Inf values"
+    else:
+        message = f"tensor {job.name}: the merged values are NaN or Inf (overflow in {job.compute} or {job.out.dtype})"
+    if strict:
+        raise MergeError(f"{message} (--strict)")
+    reporter.warn("non-finite", f"{message}; written as they are (--strict makes this an error)")
 
 
 def _merge_reporting(plan: Plan, job: Job, inputs: list, reporter: Reporter):
@@ -2168,8 +2211,8 @@ def run_cli(arguments: list[str]) -> tuple[int, dict]:
         print("error: interrupted; no output was written", file=sys.stderr)
         code, summary["error"] = 130, "interrupted"
     except Terminated:
-        print("error: terminated; no output was written", file=sys.stderr)
-        code, summary["error"] = 143, "terminated"
+        print("error: interrupted by SIGTERM; no output was written", file=sys.stderr)
+        code, summary["error"] = 143, "interrupted by SIGTERM"
     except SystemExit as done:  # --help and --version
         return (done.code if isinstance(done.code, int) else 0), summary
     except Exception as err:
@@ -2256,7 +2299,7 @@ def _main(arguments: list[str], reporter: Reporter, summary: dict) -> int:
         check_not_locked(plan.target)
         return 0
     reporter.flush()
-    summary.update(run_merge(plan, reporter))
+    summary.update(run_merge(plan, reporter, strict=args.strict))
     return 0
 
 

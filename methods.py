@@ -155,7 +155,11 @@ class Method:
         return self.compute(params) if callable(self.compute) else self.compute
 
     def problems(self, params: dict) -> list[tuple[str, str]]:
-        return self.check(params) if self.check else []
+        try:
+            return self.check(params) if self.check else []
+        except OverflowError:  # math.fsum of values near the float limit: no weighting can mean that
+            name = next((p.name for p in self.params if p.per_model), self.params[0].name)
+            return [(name, "are too large: their sum overflows")]
 
 
 REGISTRY: dict[str, Method] = {}
