@@ -519,7 +519,9 @@ def compute_dtype(rule: str, dtypes: Sequence[str], base: int = -1) -> str:
         return dtypes[base]
     if rule == methods.PROMOTED:
         return promoted(dtypes)
-    return "float64" if "float64" in dtypes else "float32"
+    if rule == methods.FLOAT32:
+        return "float64" if "float64" in dtypes else "float32"
+    return rule  # a plain dtype name
 
 
 def check_output(target: OutputTarget, output: str, models: list[Model], inputs: Sequence[str], overwrite: bool) -> None:
@@ -663,7 +665,7 @@ def check_options(method: methods.Method, args: argparse.Namespace, reporter: Re
     if len(args.models) > MAX_INPUT_PATHS:
         problems.append(f"--models takes at most {MAX_INPUT_PATHS} paths (got {len(args.models)})")
     if args.base is not None and method.base == methods.REFUSED:
-        problems.append(f"{method.name} takes no --base")
+        problems.append(f"{method.name} takes no --base" + (f"; {method.base_note}" if method.base_note else ""))
     elif args.base is not None and method.base == methods.UNUSED:
         reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
     elif args.base is None and method.base == methods.REQUIRED:
@@ -735,6 +737,20 @@ def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
         raise
 
 
+def checked(method: methods.Method, params: dict, count: int, args: argparse.Namespace, reporter: Reporter,
+            reported: set[str]) -> list[str]:
+    """The method's cross-parameter problems as error lines; each warning its check gives is reported once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", methods.MethodWarning)
+        found = method.problems(params, count)
+    for warning in caught:
+        message = f"{method.name}: {warning.message}"
+        if message not in reported:
+            reported.add(message)
+            reporter.warn(getattr(warning.message, "kind", "method"), message)
+    return [f"{method.name}: {spelled(method.param(param), args)} {problem}" for param, problem in found]
+
+
 def count_problem(method: methods.Method, labels: list[str]) -> str | None:
     count = len(labels)
     low, high = method.min_models, method.max_models
@@ -756,9 +772,14 @@ def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
     shared, per_model, problems = cli_settings(method, args, count)
     if problems:
         raise MergeError(*problems)
+    settings = resolve_params(method, shared, per_model, "", 0.0)
+    reported: set[str] = set()
+    problems = checked(method, settings, count, args, reporter, reported)
+    if problems:
+        raise MergeError(*problems)
     inputs = models + ([base] if base else [])
     check_output(options.target, args.output, inputs, args.models + ([args.base] if base else []), args.overwrite)
-    donor = len(inputs) - 1 if base else 0
+    donor = len(inputs) - 1 if base else int(settings[method.donor]) - 1 if method.donor else 0
     names = check_keys([inputs[donor]] + [m for i, m in enumerate(inputs) if i != donor], args.skip_missing, reporter)
     check_shapes(inputs, names)
     counts = layer_counts(inputs[donor].infos)
@@ -772,8 +793,7 @@ def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
             jobs.append(Job(name, infos[donor], [donor]))
             continue
         params = resolve_params(method, shared, per_model, name, layer_position(name, counts))
-        for param, problem in method.problems(params):
-            line = f"{method.name}: {spelled(method.param(param), args)} {problem}"
+        for line in checked(method, params, count, args, reporter, reported):
             if line not in seen_problems:
                 seen_problems.append(line)
         dtypes = [info.dtype for info in infos]
