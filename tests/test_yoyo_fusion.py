@@ -153,6 +153,14 @@ def test_gram_form_equals_the_direct_form_when_there_are_more_models_than_elemen
         close(yoyo(models, **options), reference_yoyo(models, **options))
 
 
+def test_weiszfeld_stays_at_a_model_that_is_the_median_everywhere_as_the_reference_does():
+    half = torch.linspace(0.05, 1.0, 40)
+    x = torch.cat([half, -half])  # symmetric, so x - 0.5 and x + 0.5 have the same RMS
+    models = [x - 0.5, x, x + 0.5]  # after unit-RMS scaling the middle one is the median of every element
+    for rule in ("lower", "standard"):
+        close(yoyo(models, median="geometric", median_rule=rule), reference_yoyo(models, median="geometric"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # properties (§3.6, §3.9)
 
