@@ -612,12 +612,13 @@ def yoyo_fusion(models: Sequence[Tensor], *, anchor: int, median: str, k_minus_o
     mean_rms, mean_norm = float(rms.mean()), float(norms.mean())
     factor = mean_rms * mean_norm / (mean_rms * length + YOYO_EPS)
 
+    # y' = M + sum_i b_i (u_i - M) = (1 - sum_i b_i) M + sum_i b_i u_i, scaled, in one fused operation.
+    keep = factor * (1.0 - float(mix.sum()))
     mix = mix.to(flats[0].device)
     out = torch.empty_like(flats[0])
     for start, stop in chunks:
         u = units(start, stop)
-        m = centre(u)
-        out[start:stop] = ((m + mix @ (u - m)) * factor).to(out.dtype)
+        out[start:stop] = torch.addmv(centre(u), u.T, mix, beta=keep, alpha=factor)
     return out.reshape(models[0].shape)
 
 
