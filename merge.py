@@ -737,17 +737,15 @@ def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
         raise
 
 
-def checked(method: methods.Method, params: dict, count: int, args: argparse.Namespace, reporter: Reporter,
-            reported: set[str]) -> list[str]:
+def checked(method: methods.Method, params: dict, count: int, args: argparse.Namespace, reporter: Reporter) -> list[str]:
     """The method's cross-parameter problems as error lines; each warning its check gives is reported once."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", methods.MethodWarning)
         found = method.problems(params, count)
     for warning in caught:
-        message = f"{method.name}: {warning.message}"
-        if message not in reported:
-            reported.add(message)
-            reporter.warn(getattr(warning.message, "kind", "method"), message)
+        kind, message = getattr(warning.message, "kind", "method"), f"{method.name}: {warning.message}"
+        if message not in reporter.warnings.get(kind, []):  # the same check runs for every tensor
+            reporter.warn(kind, message)
     return [f"{method.name}: {spelled(method.param(param), args)} {problem}" for param, problem in found]
 
 
@@ -773,8 +771,7 @@ def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
     if problems:
         raise MergeError(*problems)
     settings = resolve_params(method, shared, per_model, "", 0.0)
-    reported: set[str] = set()
-    problems = checked(method, settings, count, args, reporter, reported)
+    problems = checked(method, settings, count, args, reporter)
     if problems:
         raise MergeError(*problems)
     inputs = models + ([base] if base else [])
@@ -793,7 +790,7 @@ def _plan_models(method, models, labels, base, options, args, reporter) -> Plan:
             jobs.append(Job(name, infos[donor], [donor]))
             continue
         params = resolve_params(method, shared, per_model, name, layer_position(name, counts))
-        for line in checked(method, params, count, args, reporter, reported):
+        for line in checked(method, params, count, args, reporter):
             if line not in seen_problems:
                 seen_problems.append(line)
         dtypes = [info.dtype for info in infos]
