@@ -1096,7 +1096,8 @@ def _identity(model: Model) -> str:
     return os.path.realpath(model.paths[0] if len(model.files) == 1 else model.folder)
 
 
-def build_groups(recipe: Recipe, models: list[Model], index: dict[str, int], reporter: Reporter) -> list[Group]:
+def build_groups(recipe: Recipe, models: list[Model], index: dict[str, int], args: argparse.Namespace,
+                 reporter: Reporter) -> list[Group]:
     """Each slice's models in merge order, with the base placed as the method's base policy says."""
     method = recipe.method
     groups, problems = [], []
@@ -1147,12 +1148,35 @@ def build_groups(recipe: Recipe, models: list[Model], index: dict[str, int], rep
         if problem:
             problems.append(where + problem)
             continue
-        donor = len(sources) - 1 if uses_base or (base_at is not None and method.base == methods.INPUT) else 0
-        groups.append(Group(positions, [s.settings for s in sources], piece.settings,
-                            [s.layers for s in sources], uses_base, donor))
+        group = Group(positions, [s.settings for s in sources], piece.settings, [s.layers for s in sources],
+                      uses_base, 0)
+        settings, _ = resolve_params(recipe, group, OutputTensor("", group, [""] * len(sources), 0.0))
+        found = checked(recipe, settings, len(labels), args, reporter)
+        if found:
+            problems.extend(where + line for line in found if where + line not in problems)
+            continue
+        if uses_base or (base_at is not None and method.base == methods.INPUT):
+            group.donor = len(sources) - 1
+        elif method.donor:
+            group.donor = int(settings[method.donor]) - 1
+        groups.append(group)
     if problems:
         raise MergeError(*problems)
     return groups
+
+
+def checked(recipe: Recipe, params: dict, count: int, args: argparse.Namespace, reporter: Reporter) -> list[str]:
+    """The method's cross-parameter problems as error lines; each warning its check gives is reported once."""
+    method = recipe.method
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", methods.MethodWarning)
+        found = method.problems(params, count)
+    for warning in caught:
+        kind, message = getattr(warning.message, "kind", "method"), f"{method.name}: {warning.message}"
+        if message not in reporter.warnings.get(kind, []):  # the same check runs for every tensor
+            reporter.warn(kind, message)
+    return [f"{method.name}: {p.key if recipe.from_config else spelled(p, args)} {problem}"
+            for p, problem in ((method.param(name), problem) for name, problem in found)]
 
 
 def count_problem(method: methods.Method, labels: list[str]) -> str | None:
@@ -1441,7 +1465,9 @@ def compute_dtype(rule: str, dtypes: Sequence[str], base: int = -1) -> str:
         return dtypes[base]
     if rule == methods.PROMOTED:
         return promoted(dtypes)
-    return "float64" if "float64" in dtypes else "float32"
+    if rule == methods.FLOAT32:
+        return "float64" if "float64" in dtypes else "float32"
+    return rule  # a plain dtype name
 
 
 def check_output(target: OutputTarget, output: str, models: list[Model], inputs: Sequence[str], overwrite: bool) -> None:
@@ -1622,7 +1648,7 @@ def check_options(recipe: Recipe, args: argparse.Namespace, reporter: Reporter) 
         if len(args.models) > MAX_INPUT_PATHS:
             problems.append(f"--models takes at most {MAX_INPUT_PATHS} paths (got {len(args.models)})")
         if args.base is not None and method.base == methods.REFUSED:
-            problems.append(f"{method.name} takes no --base")
+            problems.append(f"{method.name} takes no --base" + (f"; {method.base_note}" if method.base_note else ""))
         elif args.base is not None and method.base == methods.UNUSED:
             reporter.warn("base", f"--base {args.base} is ignored: {method.name} does not use a base model")
         elif args.base is None and method.base == methods.REQUIRED:
@@ -1696,7 +1722,7 @@ def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
 def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], options: Options,
               args: argparse.Namespace, reporter: Reporter) -> Plan:
     method = recipe.method
-    groups = build_groups(recipe, models, index, reporter)
+    groups = build_groups(recipe, models, index, args, reporter)
     tensors, layer_map = plan_tensors(recipe, groups, models, args.skip_missing, reporter)
     given = args.models if not recipe.from_config else [s.path for p in recipe.slices for s in p.sources]
     check_output(options.target, args.output, models, list(given) + ([recipe.base] if recipe.base else []),
@@ -1723,9 +1749,7 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
             line = f"{method.name}: missing required parameter {key}{who}"
             if line not in problems:
                 problems.append(line)
-        for param, problem in method.problems(params):
-            p = method.param(param)
-            line = f"{method.name}: {p.key if recipe.from_config else spelled(p, args)} {problem}"
+        for line in checked(recipe, params, len(group.sources) - group.base, args, reporter):
             if line not in problems:
                 problems.append(line)
         dtypes = [info.dtype for info in infos]

@@ -35,8 +35,9 @@ INPUT = "input"  # the base is one more, equal input, appended after the models 
 UNUSED = "unused"  # a --base is ignored with a warning
 REFUSED = "refused"  # a --base is an error
 
-# Compute dtype rules (what the inputs are cast to before the method sees them).
-FLOAT32 = "float32"  # float32, or float64 when any input is float64
+# Compute dtype rules (what the inputs are cast to before the method sees them). A plain dtype name
+# ("float32", "bfloat16", ...) is a rule too: always that dtype.
+FLOAT32 = "float32, or float64 when any input is float64"
 FIRST = "first"  # the first model's dtype
 PROMOTED = "promoted"  # the inputs' promoted dtype, as mergekit computes
 BASE = "base"  # the base's dtype (an output rule)
@@ -138,11 +139,13 @@ class Method:
     compute: str | Callable[[dict], str]  # a rule, or a function of the resolved parameters giving one
     output: str
     properties: frozenset[str]
-    check: Callable[[dict], list[tuple[str, str]]] | None  # cross-parameter checks: (param name, problem)
+    check: Callable[[dict, int], list[tuple[str, str]]] | None  # (params, model count) -> [(param name, problem)]
     when: str  # one line on when to use it, for the README
     random: bool  # takes a keyword `generator`: a torch.Generator seeded for this tensor
     fallback: Callable[..., Tensor] | None  # MATRIX scope: the element-wise function for other tensors
     seed_keys: bool  # writes the SafeTensor Model Merger's metadata keys
+    donor: str | None  # a parameter (1-based model index) naming the model that gives files and non-float tensors
+    base_note: str  # appended to the error for a refused --base: what to use instead
 
     @property
     def uses_base(self) -> bool:
@@ -154,9 +157,10 @@ class Method:
     def compute_rule(self, params: dict) -> str:
         return self.compute(params) if callable(self.compute) else self.compute
 
-    def problems(self, params: dict) -> list[tuple[str, str]]:
+    def problems(self, params: dict, count: int) -> list[tuple[str, str]]:
+        """Cross-parameter problems for `count` models (besides a base); the check may also warn."""
         try:
-            return self.check(params) if self.check else []
+            return self.check(params, count) if self.check else []
         except OverflowError:  # math.fsum of values near the float limit: no weighting can mean that
             name = next((p.name for p in self.params if p.per_model), self.params[0].name)
             return [(name, "are too large: their sum overflows")]
@@ -168,12 +172,14 @@ REGISTRY: dict[str, Method] = {}
 def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[Param] = (),
            base: str = UNUSED, min_models: int = 1, max_models: int | None = None, scope: str = ELEMENTWISE,
            compute: str | Callable[[dict], str] = FLOAT32, output: str = FIRST,
-           properties: Sequence[str] = (), check: Callable[[dict], list[tuple[str, str]]] | None = None,
-           random: bool = False, fallback: Callable[..., Tensor] | None = None, seed_keys: bool = False):
+           properties: Sequence[str] = (), check: Callable[..., list[tuple[str, str]]] | None = None,
+           random: bool = False, fallback: Callable[..., Tensor] | None = None, seed_keys: bool = False,
+           donor: str | None = None, base_note: str = ""):
     """Declare and register a method; the function itself is returned unchanged.
 
     `min_models` and `max_models` count the models besides a REQUIRED or OPTIONAL base. A MATRIX method
-    names its `fallback`, an element-wise function with the same signature.
+    names its `fallback`, an element-wise function with the same signature. `check(params)` or
+    `check(params, count)` returns cross-parameter problems, and may warn with MethodWarning.
     """
 
     def register(func: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -189,8 +195,12 @@ def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[P
             raise TypeError(f"method {name}: a fallback goes with the matrix scope, and only with it")
         if random and scope == ELEMENTWISE:
             raise TypeError(f"method {name}: random draws must not depend on chunking; use the whole-tensor scope")
+        checker = check
+        if check is not None and check.__code__.co_argcount == 1:  # a check that needs no model count
+            checker = lambda params, count: check(params)  # noqa: E731
         REGISTRY[name] = Method(name, func, summary, paper, tuple(params), base, min_models, max_models, scope,
-                                compute, output, frozenset(properties), check, when, random, fallback, seed_keys)
+                                compute, output, frozenset(properties), checker, when, random, fallback, seed_keys,
+                                donor, base_note)
         return func
 
     return register
@@ -538,3 +548,241 @@ def karcher_direct(models: Sequence[Tensor], alphas: list[float], max_iter: int,
             point = (point / length).to(point.dtype)
     scale = sum(alpha * n for alpha, n in zip(alphas, norms))
     return scale * point
+
+
+# ---------------------------------------------------------------------------------------------------
+# YOYO-Fusion: robust subspace merge (andehury/YOYO-Fusion v1.0), in the Gram-matrix form
+#
+# The reference stacks the K unit-RMS residuals as a D x K float64 matrix and takes its SVD. Every
+# quantity it uses is a function of the K x K Gram matrix of the residuals, so this implementation
+# keeps only that: a few passes over the tensors, chunk by chunk, build K x K float64 matrices; the
+# eigen-decomposition, Weiszfeld iteration and Tukey weights work on K coefficients; one last pass
+# writes the output. Memory stays at the inputs, the output and chunk-sized temporaries.
+
+YOYO_EPS = 1e-8  # the reference's one epsilon, in every place it uses one
+TUKEY_C = 4.685  # Tukey biweight tuning constant (95% efficiency under normal noise)
+MAD_TO_SIGMA = 1.4826  # scales a median absolute value to a normal standard deviation
+WEISZFELD_UPDATES = 100
+WEISZFELD_TOL = 1e-6  # absolute distance between two iterates that stops Weiszfeld
+NULL_RESIDUAL = 1e-7  # the largest residual norm below which the models count as identical
+NULL_COMPONENT = 1e-7  # singular values below this fraction of the largest are rounding noise
+MAX_ENERGY_SCALE = 10.0
+
+
+def yoyo_check(params: dict, count: int) -> list[tuple[str, str]]:
+    problems = []
+    anchor, config_from = params["anchor"], params["config_from"]
+    if anchor != int(anchor) or not 0 <= anchor <= count:
+        problems.append(("anchor", f"must be 0 (none) or 1..{count} (got {anchor:g})"))
+    if config_from != int(config_from) or not 1 <= config_from <= count:
+        problems.append(("config_from", f"must be 1..{count} (got {config_from:g})"))
+    if problems or not anchor:
+        return problems
+    if count == 2:
+        warnings.warn(MethodWarning("yoyo-anchor-two", f"--anchor {anchor:g} with 2 models merges nothing: the other "
+                                    f"model's residual gets weight 0, so the output is model {anchor:g}'s direction "
+                                    f"at the mean norm of the two"))
+    if params["median"] != "coordinate" or params["median_rule"] != "lower":
+        warnings.warn(MethodWarning("yoyo-ignored", "--median and --median-rule are ignored with --anchor "
+                                    "(the anchor model is the centre)"))
+    return problems
+
+
+@method(
+    name="yoyo_fusion",
+    summary="Robust subspace merge: unit-RMS models, a median centre, Tukey-weighted residuals on the top "
+            "K-1 directions, the mean norm restored.",
+    paper="YOYO-Fusion v1.0 (andehury/YOYO-Fusion)",
+    when="Merge several fine-tunes of one base without a base model, damping the one that strays furthest.",
+    min_models=2,
+    scope=WHOLE,
+    base=REFUSED,
+    base_note="use --anchor to pick a reference model",
+    donor="config_from",
+    compute="float32",
+    output="bfloat16",  # the reference writes bfloat16
+    params=[
+        Param("anchor", default=0, kind=int,
+              help="0: the centre is a median of the models; n: model n (1-based) is the centre"),
+        Param("median", default="coordinate", kind=str, choices=("geometric", "coordinate"),
+              help="the centre without an anchor: element-wise median, or Weiszfeld's geometric median "
+                   "started from it (the reference's README example uses geometric)"),
+        Param("k_minus_one", default=True, kind=bool,
+              help="keep the top K-1 residual directions and scale by the energy lost (at most 10x); "
+                   "--no-k-minus-one keeps all K, unscaled"),
+        Param("config_from", default=1, kind=int,
+              help="model (1-based) whose config, tokenizer files and non-float tensors are copied"),
+        Param("median_rule", default="lower", kind=str, choices=("lower", "standard"),
+              help="even model counts: lower takes the smaller middle value (v1.0), standard the mean of "
+                   "the two (v1.1)"),
+    ],
+    check=yoyo_check,
+    properties=[IDENTITY],
+)
+def yoyo_fusion(models: Sequence[Tensor], *, anchor: int, median: str, k_minus_one: bool, config_from: int,
+                median_rule: str) -> Tensor:
+    """`config_from` picks the donor model, which the orchestrator handles; the math does not use it."""
+    flats = [x.reshape(-1) for x in models]
+    count, numel = len(flats), flats[0].numel()
+    if numel == 0:
+        return torch.empty_like(models[0])
+    chunks = list(chunk_ranges(numel, yoyo_chunk(count, flats[0].device)))
+
+    squares = torch.zeros(count, dtype=torch.float64)
+    for start, stop in chunks:
+        rows = torch.stack([f[start:stop] for f in flats]).to(torch.float64)
+        squares += (rows * rows).sum(dim=1).cpu()
+    norms = squares.sqrt()
+    rms = (squares / (numel + 1e-12) + YOYO_EPS).sqrt().clamp(min=1e-6)
+    divisors = (rms + YOYO_EPS).to(device=flats[0].device, dtype=flats[0].dtype).unsqueeze(1)
+
+    def units(start: int, stop: int) -> Tensor:
+        """u_i = x_i / (rms_i + eps) for one chunk, divided in the compute dtype as the reference does."""
+        return (torch.stack([f[start:stop] for f in flats]) / divisors).to(torch.float64)
+
+    def median_centre(u: Tensor) -> Tensor:
+        return coordinate_median(u, median_rule)
+
+    geometric = None  # the geometric median's coefficients over the u_i, unless it stays at its start
+    if not anchor and median == "geometric":
+        geometric = weiszfeld_coefficients(residual_gram(units, median_centre, chunks)[0])
+        geometric = None if geometric is None else geometric.to(flats[0].device)
+
+    def centre(u: Tensor) -> Tensor:
+        if anchor:
+            return u[anchor - 1]
+        return median_centre(u) if geometric is None else geometric @ u
+
+    gram, centre_dots, centre_square = residual_gram(units, centre, chunks)
+    mix = subspace_coefficients(gram, numel, k_minus_one)
+    # |y'|^2 for y' = M + sum_i b_i R_i, from the inner products of the pass that built the Gram matrix.
+    length = math.sqrt(max(centre_square + 2 * float(mix @ centre_dots) + float(mix @ gram @ mix), 0.0))
+    mean_rms, mean_norm = float(rms.mean()), float(norms.mean())
+    factor = mean_rms * mean_norm / (mean_rms * length + YOYO_EPS)
+
+    # y' = M + sum_i b_i (u_i - M) = (1 - sum_i b_i) M + sum_i b_i u_i, scaled, in one fused operation.
+    keep = factor * (1.0 - float(mix.sum()))
+    mix = mix.to(flats[0].device)
+    out = torch.empty_like(flats[0])
+    for start, stop in chunks:
+        u = units(start, stop)
+        out[start:stop] = torch.addmv(centre(u), u.T, mix, beta=keep, alpha=factor)
+    return out.reshape(models[0].shape)
+
+
+def yoyo_chunk(count: int, device: torch.device) -> int:
+    """Elements per model per chunk: cache-sized on CPU; on a GPU larger, to amortise kernel launches."""
+    return max(1 << 12, (CHUNK if device.type == "cpu" else CHUNK << 4) // count)
+
+
+def coordinate_median(rows: Tensor, rule: str) -> Tensor:
+    """Element-wise median over the models: the lower middle value, or the mean of the two middles."""
+    ordered = sorted_rows(rows)
+    middle = (len(ordered) - 1) // 2
+    if rule == "lower" or len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle] + ordered[middle + 1]) / 2
+
+
+def sorted_rows(rows: Tensor) -> list[Tensor]:
+    """The rows sorted element by element, by odd-even transposition (a sorting network).
+
+    K rounds of element-wise min/max: for the few models of a merge this is 10-100x faster than
+    torch.sort or torch.median along a short dimension, with the same values.
+    """
+    ordered = list(rows)
+    for round_ in range(len(ordered)):
+        for i in range(round_ % 2, len(ordered) - 1, 2):
+            low, high = ordered[i], ordered[i + 1]
+            ordered[i], ordered[i + 1] = torch.minimum(low, high), torch.maximum(low, high)
+    return ordered
+
+
+def residual_gram(units: Callable[[int, int], Tensor], centre: Callable[[Tensor], Tensor],
+                  chunks: list[tuple[int, int]]) -> tuple[Tensor, Tensor, float]:
+    """G = R R^T of the residuals R_i = u_i - M, <M, R_i> and |M|^2, in float64 from explicit residuals.
+
+    Explicit residuals, not U U^T minus the centre's terms: the subtraction would cancel away the exact
+    zeros that the identical-models test relies on.
+    """
+    gram = centre_dots = None
+    centre_square = 0.0
+    for start, stop in chunks:
+        u = units(start, stop)
+        m = centre(u)
+        residuals = u - m
+        part, dots = residuals @ residuals.T, residuals @ m
+        gram = part if gram is None else gram + part
+        centre_dots = dots if centre_dots is None else centre_dots + dots
+        centre_square += float(m @ m)
+    return gram.cpu(), centre_dots.cpu(), centre_square
+
+
+def weiszfeld_coefficients(start_gram: Tensor) -> Tensor | None:
+    """Weiszfeld's geometric median as coefficients a (M = sum_i a_i u_i), or None when it stops at its start.
+
+    `start_gram` is the Gram matrix of u_i - y0, y0 the start. Since the weights sum to 1, every
+    distance is a quadratic form of it: |u_i - sum_j a_j u_j|^2 = G_ii - 2 (G a)_i + a^T G a, and the
+    step between iterates a and w is (w - a)^T G (w - a). The reference stops when a step is shorter than
+    1e-6 and returns the iterate before that step; otherwise the 100th update.
+    """
+    diagonal = start_gram.diagonal()
+
+    def weights(squared_distances: Tensor) -> Tensor:
+        inverse = 1.0 / (squared_distances.clamp(min=0).sqrt() + YOYO_EPS)
+        return inverse / inverse.sum()
+
+    current = weights(diagonal)
+    if float(current @ start_gram @ current) < WEISZFELD_TOL**2:
+        return None
+    for _ in range(WEISZFELD_UPDATES - 1):
+        pulled = start_gram @ current
+        following = weights(diagonal - 2 * pulled + current @ pulled)
+        step = following - current
+        if float(step @ start_gram @ step) < WEISZFELD_TOL**2:
+            break
+        current = following
+    return current
+
+
+def subspace_coefficients(gram: Tensor, numel: int, k_minus_one: bool) -> Tensor:
+    """b with y' = M + sum_i b_i R_i: the Tukey-weighted residual in the top singular directions.
+
+    The reference's thin SVD R^T = P S Q^T has R P_m = Q_m S_m, so its coordinates Z, their robust mean z*
+    and the step gamma P_m z* = R^T (gamma Q_m S_m^-1 z*) all follow from the eigen-decomposition of G.
+    """
+    count = gram.shape[0]
+    none = torch.zeros(count, dtype=torch.float64)
+    if gram.diagonal().max().clamp(min=0).sqrt() < NULL_RESIDUAL:
+        return none
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    rank = min(numel, count)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp(min=0)[:rank], vectors.flip(1)[:, :rank]
+    energy = float(eigenvalues.sum())
+    if energy < 1e-16:
+        return none
+    kept = min(count - 1, rank) if k_minus_one else rank  # >= 1 for K >= 2, D >= 1
+    scale = 1.0
+    if k_minus_one:
+        retained = float(eigenvalues[:kept].sum()) / (energy + 1e-16)
+        scale = min(1.0 / (retained + 1e-16), MAX_ENERGY_SCALE)  # 1/p, not its square root, as the reference
+    singular = eigenvalues[:kept].sqrt()
+    live = singular > NULL_COMPONENT * singular[0]
+    singular, vectors = singular[live], vectors[:, :kept][:, live]
+    coords = vectors * singular  # K x m: each model's residual in the kept directions
+    return scale * vectors @ (tukey_mean(coords) / singular)
+
+
+def tukey_mean(coords: Tensor) -> Tensor:
+    """One pass of Tukey biweights per coordinate and per model (by its residual's length); no reweighting.
+
+    The scales are 1.4826 x the lower median of absolute values about 0, floored at 1e-12.
+    """
+    size = coords.abs()
+    lengths = coords.norm(dim=1)
+    spread = (MAD_TO_SIGMA * size.median(dim=0).values).clamp(min=1e-12)
+    global_spread = max(MAD_TO_SIGMA * float(lengths.median()), 1e-12)
+    per_coordinate = (1 - (size / (TUKEY_C * spread + YOYO_EPS)) ** 2).clamp(min=0) ** 2
+    per_model = (1 - (lengths / (TUKEY_C * global_spread + YOYO_EPS)) ** 2).clamp(min=0) ** 2
+    weights = per_coordinate * per_model.unsqueeze(1)
+    return (weights * coords).sum(dim=0) / (weights.sum(dim=0) + YOYO_EPS)
