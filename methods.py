@@ -16,7 +16,7 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -234,9 +234,9 @@ def weights_sum_nonzero(params: dict) -> list[tuple[str, str]]:
     return [("weight", "sum to 0")] if abs(math.fsum(params["weight"])) < 1e-9 else []
 
 
-def task_vectors(models: Sequence[Tensor], base: Tensor) -> list[Tensor]:
-    """Δ_i = θ_i − θ_0, in the compute dtype the inputs arrive in."""
-    return [x - base for x in models]
+def task_vectors(models: Sequence[Tensor], base: Tensor) -> Iterator[Tensor]:
+    """Δ_i = θ_i − θ_0 in the compute dtype, one at a time: each is freed before the next is made."""
+    return (x - base for x in models)
 
 
 def chunk_ranges(numel: int, chunk: int = CHUNK):
@@ -583,6 +583,37 @@ def polar(matrix: Tensor, solver: str, rank_guard: bool) -> tuple[Tensor, Tensor
     return p @ qh, s
 
 
+def leading_triplets(matrix: Tensor, solver: str, top: int | None, rank_guard: bool,
+                     scale: float | None = None) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+    """The `top` leading triplets (all when None), cut to the numerical rank under rank_guard, and whether
+    that rank (counted against `scale`, else s_1) falls short of them."""
+    u, s, vh = singular_triplets(matrix, solver, top)
+    rank = numerical_rank(s, matrix.shape, scale)
+    if rank_guard:
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    return (u, s, vh), rank < (min(matrix.shape) if top is None else top)
+
+
+def orthogonalised_stack(blocks: Sequence[tuple[Tensor, Tensor, Tensor]], solver: str, rank_guard: bool,
+                         deficient: bool, what: str) -> tuple[Tensor, Tensor, Tensor]:
+    """polar(Û), ŝ and polar(V̂ᵀ) of triplet blocks stacked in order (TSV-M step 5, Iso-CTS step 6).
+
+    Without rank_guard an ill-posed stack warns: numerically zero triplets in a block (`deficient`, in
+    `what`), or blocks whose directions are nearly linearly dependent.
+    """
+    lefts, strengths, rights = zip(*blocks)
+    left, right = torch.cat(lefts, dim=1), torch.cat(rights)
+    strengths = torch.cat(strengths)
+    left_factor, left_s = polar(left, solver, rank_guard)
+    right_factor, right_s = polar(right, solver, rank_guard)
+    if not rank_guard and strengths.any():
+        if deficient:
+            warn_rank_deficient(what)
+        elif nearly_dependent(left_s, left.shape) or nearly_dependent(right_s, right.shape):
+            warn_nearly_dependent()
+    return left_factor, strengths, right_factor
+
+
 def nearly_dependent(s: Tensor, shape: Sequence[int]) -> bool:
     """A stacked factor whose columns (or rows) are close to linearly dependent: σ_min/σ_max < 1e-6."""
     return s.numel() < min(shape) or bool(s[-1] < POLAR_CUTOFF * s[0])
@@ -603,7 +634,7 @@ def warn_nearly_dependent() -> None:
 def mean_task_vector(models: Sequence[Tensor], base: Tensor, weights: Sequence[float] | None = None) -> Tensor:
     deltas = task_vectors(models, base)
     if weights is not None:
-        deltas = [d * w for d, w in zip(deltas, weights)]
+        deltas = (d * w for d, w in zip(deltas, weights))
     return sum(deltas) / len(models)
 
 
@@ -657,28 +688,14 @@ def tsv_m_fallback(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[f
 def tsv_m(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], lambda_: float, rank_guard: bool,
           svd_solver: str, svd_max_dim: int) -> Tensor:
     per_model = int(min(base.shape) * (1.0 / len(models)))  # the reference's float arithmetic, for parity
-    left, strengths, right = [], [], []
-    deficient = False
+    blocks, deficient = [], False
     for w, delta in zip(weight, task_vectors(models, base)):
-        u, s, vh = singular_triplets(delta * w, svd_solver, per_model)
-        rank = numerical_rank(s, base.shape)
-        deficient |= rank < per_model
-        if rank_guard:
-            u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-        left.append(u)
-        strengths.append(s)
-        right.append(vh)
-    strengths = torch.cat(strengths)
-    stacked_left, stacked_right = torch.cat(left, dim=1), torch.cat(right)
-    # Orthogonal factors nearest to the stacked directions: tasks stop interfering (§1 step 5).
-    left_factor, left_s = polar(stacked_left, svd_solver, rank_guard)
-    right_factor, right_s = polar(stacked_right, svd_solver, rank_guard)
-    if not rank_guard and strengths.any():
-        if deficient:
-            warn_rank_deficient("a task vector")
-        elif nearly_dependent(left_s, stacked_left.shape) or nearly_dependent(right_s, stacked_right.shape):
-            warn_nearly_dependent()
-    return base + lambda_ * ((left_factor * strengths) @ right_factor)
+        block, short = leading_triplets(delta * w, svd_solver, per_model, rank_guard)
+        blocks.append(block)
+        deficient |= short
+    # The orthogonal factors nearest to the stacked directions: tasks stop interfering.
+    left, strengths, right = orthogonalised_stack(blocks, svd_solver, rank_guard, deficient, "a task vector")
+    return base + lambda_ * ((left * strengths) @ right)
 
 
 # FusionBench's default; the paper tunes it on validation data (../shared/spec/decisions.md §11)
@@ -712,13 +729,10 @@ def no_lowrank_solver(params: dict) -> list[tuple[str, str]]:
 def iso_c(models: Sequence[Tensor], *, base: Tensor, lambda_: float, rank_guard: bool, svd_solver: str,
           svd_max_dim: int) -> Tensor:
     total = sum(task_vectors(models, base))  # the sum, not the mean
-    u, s, vh = singular_triplets(total, svd_solver)
-    rank = numerical_rank(s, base.shape)
-    directions = min(base.shape)
-    if rank_guard:
-        u, s, vh, directions = u[:, :rank], s[:rank], vh[:rank], max(rank, 1)
-    elif 0 < rank < directions:
+    (u, s, vh), deficient = leading_triplets(total, svd_solver, None, rank_guard)
+    if deficient and not rank_guard and s.any():
         warn_rank_deficient("the sum of the task vectors")
+    directions = max(s.numel(), 1) if rank_guard else min(base.shape)
     # A flat spectrum with the same nuclear norm: the few dominant directions no longer drown the rest.
     return base + lambda_ * ((s.sum() / directions) * (u @ vh))
 
@@ -753,40 +767,22 @@ def iso_cts_fallback(models: Sequence[Tensor], *, base: Tensor, lambda_: float, 
 )
 def iso_cts(models: Sequence[Tensor], *, base: Tensor, lambda_: float, common_space_fraction: float,
             rank_guard: bool, svd_solver: str, svd_max_dim: int) -> Tensor:
-    deltas = task_vectors(models, base)
     common, per_model = iso_cts_split(min(base.shape), len(models), common_space_fraction)
-    u, s, vh = singular_triplets(sum(deltas), svd_solver, common)
-    rank = numerical_rank(s, base.shape)
-    deficient = rank < common
-    if rank_guard:
-        common = rank
-    common_u = u[:, :common]
-    left, strengths, right = [], [], []
-    for delta in deltas if per_model else ():
+    common_block, deficient = leading_triplets(sum(task_vectors(models, base)), svd_solver, common, rank_guard)
+    common_u = common_block[0]
+    blocks = []
+    for delta in task_vectors(models, base) if per_model else ():
         outside = delta - common_u @ (common_u.T @ delta)
-        task_u, task_s, task_vh = singular_triplets(outside, svd_solver, per_model)
-        # Against Δ_i's own size: the projection leaves rounding noise of that size, not of the remainder's.
-        task_rank = numerical_rank(task_s, base.shape, float(torch.linalg.vector_norm(delta)))
-        deficient |= task_rank < per_model
-        if rank_guard:
-            task_u, task_s, task_vh = task_u[:, :task_rank], task_s[:task_rank], task_vh[:task_rank]
-        left.append(task_u)
-        strengths.append(task_s)
-        right.append(task_vh)
-    left.append(common_u)
-    strengths.append(s[:common])
-    right.append(vh[:common])
-    strengths = torch.cat(strengths)
-    stacked_left, stacked_right = torch.cat(left, dim=1), torch.cat(right)
-    left_factor, left_s = polar(stacked_left, svd_solver, rank_guard)
-    right_factor, right_s = polar(stacked_right, svd_solver, rank_guard)
-    if not rank_guard and strengths.any():
-        if deficient:
-            warn_rank_deficient("the sum of the task vectors or a task vector outside the common subspace")
-        elif nearly_dependent(left_s, stacked_left.shape) or nearly_dependent(right_s, stacked_right.shape):
-            warn_nearly_dependent()
+        # Rank against Δ_i's size: the projection leaves rounding noise of that size, not of the remainder's.
+        block, short = leading_triplets(outside, svd_solver, per_model, rank_guard,
+                                        float(torch.linalg.vector_norm(delta)))
+        blocks.append(block)
+        deficient |= short
+    left, strengths, right = orthogonalised_stack(
+        blocks + [common_block], svd_solver, rank_guard, deficient,
+        "the sum of the task vectors or a task vector outside the common subspace")
     entries = max(strengths.numel(), 1) if rank_guard else min(base.shape)
-    return base + lambda_ * ((strengths.sum() / entries) * (left_factor @ right_factor))
+    return base + lambda_ * ((strengths.sum() / entries) * (left @ right))
 
 
 def cart_fallback(models: Sequence[Tensor], *, lambda_: float, rank_ratio: float, svd_solver: str,
