@@ -183,6 +183,15 @@ def test_magmax_later_model_wins_a_magnitude_tie():
     assert torch.equal(merged, torch.tensor([-2.0, -1.0, -0.5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_select_is_torch_where_bit_for_bit(dtype):
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, -2.5, 3.0])
+    if_true, if_false = special.to(dtype), special.flip(0).to(dtype)
+    mask = torch.tensor([True, False, True, True, False, False, True, False])
+    bits = methods.INTEGER_VIEW[dtype]
+    assert torch.equal(methods.select(mask, if_true, if_false).view(bits), torch.where(mask, if_true, if_false).view(bits))
+
+
 def test_magmax_chunked_is_bit_identical_to_whole_tensor():
     g = torch.Generator().manual_seed(2)
     numel = 2 * methods.CHUNK + 12345
@@ -439,6 +448,17 @@ def test_base_methods_run_end_to_end_and_write_the_base_dtype(tmp_path, run, nam
     assert out["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert out["model.norm.weight"].dtype == torch.bfloat16
     assert all(torch.isfinite(t).all() for t in out.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "cart"])
+def test_a_half_precision_compute_dtype_still_runs_the_svds_in_float32(tmp_path, run, name):
+    base, models = write_family(tmp_path, 3)
+    with_base = () if name == "cart" else ("--base", base)
+    code, _, err = run("--method", name, *with_base, "--models", *models, "--compute-dtype", "bfloat16",
+                       "--output", "o.safetensors")
+    assert code == 0, err
+    out = load(tmp_path / "o.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_cart_runs_without_a_base_writes_the_first_models_dtype_and_ignores_a_base(tmp_path, run):
