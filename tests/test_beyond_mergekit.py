@@ -277,6 +277,21 @@ def test_tsv_m_on_tasks_in_orthogonal_subspaces_sums_their_rank_k_truncations():
     assert torch.allclose(tsv_m(deltas, torch.zeros(12, 12, dtype=F64)), expected, atol=1e-10)
 
 
+def test_tsv_m_singular_values_are_the_kept_ones_plus_zeros():
+    base, models = family(3, seed=38)
+    kept = torch.cat([torch.linalg.svdvals(m - base)[:4] for m in models])  # k = int(13 / 3) = 4
+    values = torch.linalg.svdvals(tsv_m(models, base) - base)
+    assert torch.allclose(values[:12], kept.sort(descending=True).values, atol=1e-10)
+    assert torch.allclose(values[12:], torch.zeros(1, dtype=F64), atol=1e-10)
+
+
+def test_iso_c_returns_a_sum_with_a_flat_spectrum_unchanged():
+    q = torch.linalg.qr(torch.randn(16, 16, dtype=F64)).Q
+    halves = [q[:, :8] @ q[:8, :] * 3.0, q[:, 8:] @ q[8:, :] * 3.0]  # their sum is 3 x an orthogonal matrix
+    zero = torch.zeros(16, 16, dtype=F64)
+    assert torch.allclose(iso_c(halves, zero), sum(halves), atol=1e-10)
+
+
 def test_iso_c_flattens_the_spectrum_and_keeps_the_nuclear_norm():
     base, models = family(3, seed=26)
     total = sum(m - base for m in models)
