@@ -182,7 +182,8 @@ def build_parser() -> Parser:
         p = users[0][1]
         texts: dict[str, list[str]] = defaultdict(list)  # methods sharing a parameter's text are named once
         for m, q in users:
-            texts[f"{q.help} (default {q.default_text}" + (f", {q.range_text()}" if q.range_text() else "") + ")"].append(m.name)
+            limits = f", {q.range_text()}" if q.range_text() else ""
+            texts[f"{q.help} (default {q.default_text}{limits})"].append(m.name)
         helps = "; ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
         names = [flag, *p.aliases]
         if p.kind is bool:

@@ -45,6 +45,10 @@ def cart(models, lambda_=2.0, rank_ratio=0.12, svd_solver="exact"):
     return methods.cart(models, lambda_=lambda_, rank_ratio=rank_ratio, svd_solver=svd_solver, svd_max_dim=32768)
 
 
+def magmax(models, base, lambda_=0.5):
+    return methods.magmax(models, base=base, lambda_=lambda_)
+
+
 def svd(a):
     return torch.linalg.svd(a, full_matrices=False)
 
@@ -73,7 +77,8 @@ def tsv_m_zero_padded_reference(models, base, lambda_, weights):
     rows, cols = base.shape
     r = min(rows, cols)
     k = int(r * (1 / len(models)))
-    padded_u, padded_s, padded_vh = torch.zeros(rows, r, dtype=F64), torch.zeros(r, dtype=F64), torch.zeros(r, cols, dtype=F64)
+    padded_u, padded_vh = torch.zeros(rows, r, dtype=F64), torch.zeros(r, cols, dtype=F64)
+    padded_s = torch.zeros(r, dtype=F64)
     for i, (x, w) in enumerate(zip(models, weights)):
         u, s, vh = svd(w * (x - base))
         padded_u[:, i * k:(i + 1) * k] = u[:, :k]
@@ -173,7 +178,7 @@ def test_magmax_matches_the_argmax_oracle_with_ties_to_the_later_model():
     base = torch.randn(1000, generator=g)
     # small integers: many exact magnitude ties, of both signs
     models = [base + torch.randint(-3, 4, (1000,), generator=g).float() for _ in range(4)]
-    assert torch.equal(methods.magmax(models, base=base, lambda_=0.5), magmax_reference(models, base, 0.5))
+    assert torch.equal(magmax(models, base), magmax_reference(models, base, 0.5))
 
 
 def test_magmax_later_model_wins_a_magnitude_tie():
@@ -189,7 +194,8 @@ def test_select_is_torch_where_bit_for_bit(dtype):
     if_true, if_false = special.to(dtype), special.flip(0).to(dtype)
     mask = torch.tensor([True, False, True, True, False, False, True, False])
     bits = methods.INTEGER_VIEW[dtype]
-    assert torch.equal(methods.select(mask, if_true, if_false).view(bits), torch.where(mask, if_true, if_false).view(bits))
+    expected = torch.where(mask, if_true, if_false)
+    assert torch.equal(methods.select(mask, if_true, if_false).view(bits), expected.view(bits))
 
 
 def test_magmax_chunked_is_bit_identical_to_whole_tensor():
@@ -197,8 +203,8 @@ def test_magmax_chunked_is_bit_identical_to_whole_tensor():
     numel = 2 * methods.CHUNK + 12345
     base = torch.randn(numel, generator=g)
     models = [base + torch.randn(numel, generator=g) for _ in range(3)]
-    whole = methods.magmax(models, base=base, lambda_=0.5)
-    chunked = torch.cat([methods.magmax([m[a:b] for m in models], base=base[a:b], lambda_=0.5)
+    whole = magmax(models, base)
+    chunked = torch.cat([magmax([m[a:b] for m in models], base[a:b])
                          for a, b in methods.chunk_ranges(numel)])
     assert torch.equal(whole, chunked)
 
@@ -214,10 +220,10 @@ def test_tsv_m_with_one_model_gives_base_plus_lambda_delta():
 
 def test_magmax_with_one_model_gives_base_plus_lambda_delta():
     base, (model,) = family(1, seed=1)
-    assert torch.equal(methods.magmax([model], base=base, lambda_=0.5), base + 0.5 * (model - base))
+    assert torch.equal(magmax([model], base), base + 0.5 * (model - base))
 
 
-@pytest.mark.parametrize("merge_fn", [tsv_m, iso_c, iso_cts, lambda models, base: methods.magmax(models, base=base, lambda_=0.5)])
+@pytest.mark.parametrize("merge_fn", [tsv_m, iso_c, iso_cts, magmax])
 def test_zero_task_vectors_give_the_base(merge_fn):
     base, _ = family(0)
     assert torch.equal(merge_fn([base.clone(), base.clone(), base.clone()], base), base)
@@ -507,7 +513,8 @@ def test_matrices_over_svd_max_dim_fall_back_with_a_warning(tmp_path, run):
 def test_tsv_m_falls_back_with_a_warning_where_it_would_keep_no_direction(tmp_path, run):
     def state(seed, dtype):
         g = torch.Generator().manual_seed(seed)
-        return {"row.weight": torch.randn(1, 8, generator=g).to(dtype), "w.weight": torch.randn(8, 8, generator=g).to(dtype)}
+        return {"row.weight": torch.randn(1, 8, generator=g).to(dtype),
+                "w.weight": torch.randn(8, 8, generator=g).to(dtype)}
 
     base, models = write_family(tmp_path, 2, state=state)
     code, _, err = run("--method", "tsv_m", "--base", base, "--models", *models, "--output", "o.safetensors")
