@@ -202,8 +202,11 @@ def build_parser() -> Parser:
     group = parser.add_argument_group("method parameters (each used only by the methods named)")
     for flag, users in param_flags().items():
         p = users[0][1]
-        helps = "; ".join(f"{m.name}: {q.help} (default {q.default_text}"
-                          + (f", {q.range_text()}" if q.range_text() else "") + ")" for m, q in users)
+        texts: dict[str, list[str]] = defaultdict(list)  # methods sharing a parameter's text are named once
+        for m, q in users:
+            limits = f", {q.range_text()}" if q.range_text() else ""
+            texts[f"{q.help} (default {q.default_text}{limits})"].append(m.name)
+        helps = "; ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
         names = [flag, *p.aliases]
         if p.kind is bool:
             group.add_argument(*names, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=helps)
@@ -1186,7 +1189,8 @@ def count_problem(method: methods.Method, labels: list[str]) -> str | None:
         return None
     span = f"exactly {low}" if high == low else f"{low} to {high}" if high is not None else f"at least {low}"
     found = ", ".join(labels[:3]) + (", ..." if count > 3 else "")
-    hint = "; use --method passthrough to copy one" if count == 1 and method.name != "passthrough" else ""
+    hint = ("; use --method passthrough to copy one" if count == 1 and method.name != "passthrough"
+            else f"; {method.too_few_hint}" if count < low and method.too_few_hint else "")
     return f"{method.name} needs {span} models, found {count} ({found}){hint}"
 
 
@@ -1627,8 +1631,9 @@ VOCABULARY = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_e
 
 
 def takes_matrix_path(name: str, info: TensorInfo) -> bool:
-    """2-D weights take a matrix method's math; embeddings and output heads (vocab x hidden) do not."""
-    return len(info.shape) == 2 and not VOCABULARY.search(name)
+    """2-D weights take a matrix method's math; embeddings and output heads (vocab x hidden) do not, nor do
+    empty matrices (nothing to decompose)."""
+    return len(info.shape) == 2 and info.numel > 0 and not VOCABULARY.search(name)
 
 
 @dataclass
@@ -1758,6 +1763,11 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
         func, scope = method.func, method.scope
         if scope == methods.MATRIX:
             matrix = takes_matrix_path(tensor.name, TensorInfo(out, shape))
+            unfit = matrix and method.matrix_problem(shape, len(group.sources) - group.base, params)
+            if unfit:
+                reporter.warn("matrix-fallback", f"tensor {tensor.name}: {unfit}; it takes {method.name}'s fallback, "
+                                                 f"{method.fallback.__doc__}")
+            matrix = matrix and not unfit
             func, scope = (method.func, methods.WHOLE) if matrix else (method.fallback, methods.ELEMENTWISE)
         seed = tensor_seed(options.seed, tensor.name) if method.random else None
         align = (vocabulary_alignment(vocabulary, models, tensor, aligned[tensor.name], reporter)

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -140,9 +141,14 @@ def largest_tensor(paths: list[Path]) -> int:
 
 
 def method_args(name: str, paths: list[Path]) -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    import methods
+
     base, tunes = paths[0], paths[1:]
     if name == "passthrough":
         return ["--models", str(base)]
+    if methods.REGISTRY[name.replace("-", "_")].base == methods.REQUIRED:
+        return ["--base", str(base), "--models", *map(str, tunes)]
     return ["--models", *map(str, tunes)]
 
 
@@ -154,6 +160,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--workdir", type=Path, default=None, help="where the family is kept (default: a temp folder)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--merge-args", default="", help="more flags for every merge, e.g. '--svd-solver lowrank'")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
@@ -179,12 +186,12 @@ def main() -> None:
     out = workdir / "out"
     for name in args.methods.split(","):
         arguments = method_args(name, paths)
-        inputs = [Path(a) for a in arguments[1:]]
+        inputs = [Path(a) for a in arguments if not a.startswith("--")]
         out_file = out / f"{name}.safetensors"
         if out_file.exists():
             out_file.unlink()
         command = [sys.executable, str(MERGE), "--method", name, *arguments, "--output", str(out_file),
-                   "--quiet", "--device", args.device]
+                   "--quiet", "--device", args.device, *shlex.split(args.merge_args)]
         wall, peak, code, err = timed(command)
         if code != 0:
             print(f"{name:<14} failed ({code}): {err}")
