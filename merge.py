@@ -1958,14 +1958,18 @@ def run_merge(plan: Plan, reporter: Reporter, strict: bool = False) -> dict:
             try:
                 writer.open()
                 reader.start()
+                behind = WriteBehind(writer, 2 * BLOCK * 8)
                 for job in plan.jobs:
-                    _run_job(plan, job, reader, writer, reporter, strict)
+                    _run_job(plan, job, reader, behind, reporter, strict)
                     if progress is not None:
                         progress.update(job.out.nbytes)
+                behind.finish()
                 reader.stop()
                 stale = writer.commit(plan.overwrite)
             except BaseException:
                 reader.stop()
+                if "behind" in locals():
+                    behind.stop()
                 writer.abort()
                 raise
     finally:
@@ -1985,7 +1989,65 @@ def run_merge(plan: Plan, reporter: Reporter, strict: bool = False) -> dict:
             "seed": plan.recipe.get("seed")}
 
 
-def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, reporter: Reporter,
+class WriteBehind:
+    """Writes output blocks on a thread of its own, so that the next block is computed meanwhile.
+
+    At most `limit` bytes wait to be written; an error of the writing thread surfaces at the next `put`
+    or at `finish`. (File writes release the GIL, like the reads of the read-ahead thread.)
+    """
+
+    def __init__(self, writer: StreamingWriter, limit: int):
+        self.writer = writer
+        self.budget = ByteBudget(limit)
+        self.items: deque = deque()
+        self.ready = threading.Condition()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self.thread.start()
+
+    def put(self, name: str, block) -> None:
+        self._raise()
+        size = block.numel() * block.element_size()
+        self.budget.acquire(size)
+        with self.ready:
+            self.items.append((name, block, size))
+            self.ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.items:
+                    self.ready.wait()
+                item = self.items.popleft()
+            if item is None:
+                return
+            name, block, size = item
+            try:
+                if self.error is None:
+                    self.writer.write(name, block)
+            except BaseException as err:  # handed to the main thread
+                self.error = err
+            finally:
+                self.budget.release(size)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait for every block to be written."""
+        self.stop()
+        self._raise()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            with self.ready:
+                self.items.append(None)
+                self.ready.notify()
+            self.thread.join()
+
+
+def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: WriteBehind, reporter: Reporter,
              strict: bool) -> None:
     dtype = torch_dtype(job.out.dtype)
     checked = job.params is None  # copied integer tensors cannot hold NaN
@@ -2002,7 +2064,7 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: StreamingWriter, r
                 if not checked and not all_finite(block):
                     checked = True
                     _report_non_finite(plan, job, [t for t, _ in items], reporter, strict)
-                writer.write(job.name, block)
+                writer.put(job.name, block)
         finally:
             for _, size in items:
                 reader.budget.release(size)

@@ -713,13 +713,13 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 import io_utils, merge
 
 current = [0]
-original_write = io_utils.StreamingWriter.write
+original_put = merge.WriteBehind.put
 paused = set()
 
 
 def write_then_pause(self, name, data):
-    # Test-only hook: after a pausing run's first tensor, say so and wait (for a signal, or for "go").
-    original_write(self, name, data)
+    # Test-only hook: after a pausing run's first block, say so and wait (for a signal, or for "go").
+    original_put(self, name, data)
     if spec["runs"][current[0]].get("pause") and current[0] not in paused:
         paused.add(current[0])
         open(os.path.join(spec["control"], f"started-{current[0]}"), "w").close()
@@ -728,7 +728,7 @@ def write_then_pause(self, name, data):
             time.sleep(0.01)
 
 
-io_utils.StreamingWriter.write = write_then_pause
+merge.WriteBehind.put = write_then_pause
 results = []
 for current[0], run in enumerate(spec["runs"]):
     if run.get("unprivileged") and not modes_bite:
