@@ -135,10 +135,19 @@ class Parser(argparse.ArgumentParser):
         raise MergeError(message)
 
 
+def declared_methods() -> list[methods.Method]:
+    """Every declaration: the registry, then mergekit's variants of some of its names."""
+    return [*methods.REGISTRY.values(), *methods.MERGEKIT_VARIANTS.values()]
+
+
+def label(m: methods.Method) -> str:
+    return f"{m.name} with --base" if m.mergekit_variant else m.name
+
+
 def param_flags() -> dict[str, list[tuple[methods.Method, methods.Param]]]:
     """Every method-parameter flag, with the methods that declare it."""
     flags: dict[str, list] = defaultdict(list)
-    for m in methods.REGISTRY.values():
+    for m in declared_methods():
         for p in m.params:
             flags[p.cli_flag].append((m, p))
     return dict(flags)
@@ -180,7 +189,7 @@ def build_parser() -> Parser:
     group = parser.add_argument_group("method parameters (each used only by the methods named)")
     for flag, users in param_flags().items():
         p = users[0][1]
-        helps = "; ".join(f"{m.name}: {q.help} (default {q.default_text}"
+        helps = "; ".join(f"{label(m)}: {q.help} (default {q.default_text}"
                           + (f", {q.range_text()}" if q.range_text() else "") + ")" for m, q in users)
         names = [flag, *p.aliases]
         if p.kind is bool:
@@ -216,13 +225,14 @@ def methods_table() -> str:
              methods.BASE: "base's"}
     rows = ["| method | what it does | when to use it | models | base | parameters (CLI flag = default) "
             "| computes in | writes | scope |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in methods.REGISTRY.values():
+    for m in declared_methods():
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}–{m.max_models}" if m.max_models else f"≥ {m.min_models}")
         params = "<br>".join(f"`{p.cli_flag}` = {p.default_text}" + (" (per model)" if p.per_model else "")
                              for p in m.params) or "—"
         compute = m.compute.__doc__ if callable(m.compute) else rules.get(m.compute, m.compute)
-        rows.append(f"| `{m.name}` | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
+        name = f"`{m.name}` with `--base`" if m.mergekit_variant else f"`{m.name}`"
+        rows.append(f"| {name} | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
                     f"| {rules.get(m.output, m.output)} | {m.scope} |")
     return "\n".join(rows)
 
@@ -346,11 +356,17 @@ def flag_problems(method: methods.Method, args: argparse.Namespace) -> list[str]
     """Flags given that the method does not use, with a hint towards what was probably meant."""
     problems = []
     declared = {p.cli_flag for p in method.params}
+    default_semantics = {p.cli_flag: p for p in methods.REGISTRY[method.name].params}
     for flag, users in param_flags().items():
         value = getattr(args, _dest(flag))
         if value is None or flag in declared or (isinstance(value, list) and not split_values(value)):
             continue
         p = users[0][1]
+        if flag in default_semantics:  # mergekit's variant, chosen by --base, lacks this flag
+            own = default_semantics[flag]
+            hint = " (list the base in --models to give it a weight)" if own.per_model else ""
+            problems.append(f"{method.name}: {spelled(own, args)} cannot be combined with --base{hint}")
+            continue
         sibling = next((q for q in method.params if q.name == p.name or (
             {p.cli_flag, *p.aliases} & {"--alpha", "--alphas", "--weights"}
             and {q.cli_flag, *q.aliases} & {"--alpha", "--alphas", "--weights"})), None)
@@ -723,6 +739,8 @@ def _identity(model: Model) -> str:
 
 def plan_merge(args: argparse.Namespace, reporter: Reporter) -> Plan:
     method = find_method(args.method)
+    if args.base is not None:
+        method = methods.MERGEKIT_VARIANTS.get(method.name, method)
     options = check_options(method, args, reporter)
     models, labels = open_inputs(args.models, args.sort == "natural", reporter)
     base = None
@@ -917,6 +935,8 @@ def merge_block(plan: Plan, job: Job, inputs: list):
     compute = torch_dtype(job.compute)
     device = plan.device
     keywords = dict(job.params)
+    if plan.method.uses_base and not job.base:
+        keywords["base"] = None  # an optional base that was not given
     if job.seed is not None:
         keywords["generator"] = torch.Generator().manual_seed(job.seed)
 
