@@ -16,7 +16,7 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -536,14 +536,17 @@ def row_sums(x: Tensor) -> Tensor:
     return x.sum(-1, keepdim=True)
 
 
-def stacked_sum(terms: Sequence[Tensor]) -> Tensor:
-    """torch.stack(terms).sum(0) without the stack: half precision adds up in float32 and rounds once, as
-    torch's sum does."""
-    wide = torch.float32 if terms[0].dtype in (torch.float16, torch.bfloat16) else terms[0].dtype
-    total = torch.zeros(terms[0].shape, dtype=wide, device=terms[0].device)
+def stacked_sum(terms: Iterable[Tensor]) -> Tensor:
+    """torch.stack(terms).sum(0) without the stack, one term alive at a time: half precision adds up in
+    float32 and rounds once, as torch's sum does."""
+    terms = iter(terms)
+    first = next(terms)
+    wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+    total = torch.zeros(first.shape, dtype=wide, device=first.device)
+    total += first
     for term in terms:
         total += term
-    return total.to(terms[0].dtype)
+    return total.to(first.dtype)
 
 
 def required(name: str) -> Callable[[dict], list[tuple[str, str]]]:
@@ -676,14 +679,15 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
     if len(models) == 1 or models[0].numel() == 0:
         return models[0]
     shape = models[0].shape
-    vectors = [(x if base is None else x - base).reshape(-1) for x in models]
-    weights = torch.tensor(weight, dtype=vectors[0].dtype, device=vectors[0].device)
+    weights = torch.tensor(weight, dtype=models[0].dtype, device=models[0].device)
     if normalize_weights:
         weights = weights / weights.sum()
-    norms = [torch.norm(v) for v in vectors]
-    units = [v / (n + eps) for v, n in zip(vectors, norms)]
-    del vectors
-    mean = stacked_sum([u * w for u, w in zip(units, weights)])
+    norms, units = [], []
+    for x in models:
+        vector = (x if base is None else x - base).reshape(-1)
+        norms.append(torch.norm(vector))
+        units.append(vector / (norms[-1] + eps))
+    mean = stacked_sum(u * w for u, w in zip(units, weights))
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(models) > 2:
@@ -696,7 +700,7 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
     mean /= mean_norm
     for u in units:  # each unit vector becomes its projection onto the tangent plane at the mean
         u -= row_sums(u * mean) * mean
-    tangent = stacked_sum([u * w for u, w in zip(units, weights)])
+    tangent = stacked_sum(u * w for u, w in zip(units, weights))
     del units
     size = torch.norm(tangent) + eps
     result = mean * torch.cos(size)
@@ -768,7 +772,7 @@ def model_stock(models: Sequence[Tensor], *, filter_wise: bool, base: Tensor) ->
 @method(
     name="nearswap",
     summary="Takes the model's value where it lies within t of the base's, and less of it the farther apart they "
-            "are: w = clamp(t / |base - model|, 0, 1).",
+            "are: w = clamp(t / abs(base - model), 0, 1).",
     paper="alchemonaut, QuartetAnemoi-70B-t0.0001; mergekit 'nearswap'",
     when="Take a fine-tune's small changes into its base and keep the base where they differ a lot.",
     base=REQUIRED,
@@ -802,8 +806,8 @@ def outlier_threshold(scores: Tensor, generator: torch.Generator) -> Tensor:
 
 @method(
     name="arcee_fusion",
-    summary="Keeps the model's changes only where |change| x the row's KL divergence from the base is an outlier "
-            "(above median + 1.5 IQR).",
+    summary="Keeps the model's changes only where their size times the row's KL divergence from the base is an "
+            "outlier (above the median + 1.5 IQR).",
     paper="Arcee Fusion (arcee.ai); mergekit 'arcee_fusion'",
     when="Take only a fine-tune's most salient changes into its base.",
     base=REQUIRED,
@@ -823,12 +827,18 @@ def arcee_fusion(models: Sequence[Tensor], *, base: Tensor, generator: torch.Gen
     p += 1e-8
     divergence = base.softmax(-1)
     divergence += 1e-8
-    divergence = torch.log(p / divergence)
+    torch.div(p, divergence, out=divergence)
+    divergence.log_()
     divergence *= p
     importance = (x - base).abs()
     importance *= row_sums(divergence)
     del p, divergence
-    mask = (importance >= outlier_threshold(importance, generator)).float()
-    # The mask is float32, so the sum is too (float64 for float64 inputs): mergekit's values, whatever
+    threshold = outlier_threshold(importance, generator)
+    # The 0/1 mask is float32, so the sum is too (float64 for float64 inputs): mergekit's values, whatever
     # the input dtype; the output dtype rounds them once.
-    return base + (x - base) * mask
+    old, new, scores = base.reshape(-1), x.reshape(-1), importance.reshape(-1)
+    out = torch.empty(old.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for start, stop in chunk_ranges(out.numel()):
+        mask = (scores[start:stop] >= threshold).float()
+        torch.add(old[start:stop], (new[start:stop] - old[start:stop]) * mask, out=out[start:stop])
+    return out.reshape(x.shape)
