@@ -554,7 +554,13 @@ def required(name: str) -> Callable[[dict], list[tuple[str, str]]]:
     return lambda params: [(name, "is required")] if params[name] is None else []
 
 
-SLERP_NORM_CHUNK = 1 << 20  # mergekit takes the norm of the norms of chunks this long
+SLERP_CHUNK = 1 << 20  # mergekit's slerp reduces chunks this long, then their results
+
+
+def slerp_norm(v: Tensor) -> Tensor:
+    """||v|| as mergekit's slerp takes it: the norm of the chunks' norms."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[start:stop])
+                                                 for start, stop in chunk_ranges(v.numel(), SLERP_CHUNK)]))
 
 
 @method(
@@ -579,12 +585,10 @@ def slerp(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
     t = torch.tensor(t, dtype=v0.dtype, device=v0.device)
     if v0.numel() == 0:
         return base
-    n0, n1 = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[start:stop]) for start, stop
-                                                    in chunk_ranges(v.numel(), SLERP_NORM_CHUNK)]))
-              for v in (v0, v1))
-    n0, n1 = torch.where(n0 > 1e-8, n0, 1), torch.where(n1 > 1e-8, n1, 1)
+    # A zero tensor is divided by 1, not 0: its cosine with anything is 0, a quarter turn.
+    n0, n1 = (torch.where(n > 1e-8, n, 1) for n in (slerp_norm(v0), slerp_norm(v1)))
     parts = [ordered_sum((v0[start:stop] / n0) * (v1[start:stop] / n1))
-             for start, stop in chunk_ranges(v0.numel(), SLERP_NORM_CHUNK)]
+             for start, stop in chunk_ranges(v0.numel(), SLERP_CHUNK)]
     dot = torch.stack(parts).sum(0).clamp(-1, 1)
     if dot.abs() > 0.9995:
         # Nearly parallel or opposite: the arc's plane is ill-defined, the straight line is not.
