@@ -540,13 +540,15 @@ def stacked_sum(terms: Iterable[Tensor]) -> Tensor:
     """torch.stack(terms).sum(0) without the stack, one term alive at a time: half precision adds up in
     float32 and rounds once, as torch's sum does."""
     terms = iter(terms)
-    first = next(terms)
-    wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
-    total = torch.zeros(first.shape, dtype=wide, device=first.device)
-    total += first
-    for term in terms:
+    term = next(terms)
+    dtype = term.dtype
+    total = torch.zeros(term.shape, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
+                        device=term.device)
+    while term is not None:
         total += term
-    return total.to(first.dtype)
+        del term  # before the next term is made
+        term = next(terms, None)
+    return total.to(dtype)
 
 
 def required(name: str) -> Callable[[dict], list[tuple[str, str]]]:
@@ -691,6 +693,7 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
         vector = (x if base is None else x - base).reshape(-1)
         norms.append(torch.norm(vector))
         units.append(vector / (norms[-1] + eps))
+        del vector  # before the next one is made
     mean = stacked_sum(u * w for u, w in zip(units, weights))
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
@@ -707,11 +710,14 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
     tangent = stacked_sum(u * w for u, w in zip(units, weights))
     del units
     size = torch.norm(tangent) + eps
-    result = mean * torch.cos(size)
+    result = mean  # the exponential map's step from the mean, in place
+    result *= torch.cos(size)
     result += tangent * (torch.sin(size) / size)
     result *= (torch.stack(norms) * weights).sum()
     result = result.reshape(shape)
-    return result if base is None else result + base
+    if base is not None:
+        result += base
+    return result
 
 
 @method(
@@ -769,8 +775,10 @@ def model_stock(models: Sequence[Tensor], *, filter_wise: bool, base: Tensor) ->
     singular = denominator.abs() < 1e-6
     denominator = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / denominator)
-    average = sum(points) / count
-    return (t * average + (1 - t) * origin).reshape(base.shape)
+    result = sum(points) / count
+    result *= t
+    result += (1 - t) * origin
+    return result.reshape(base.shape)
 
 
 @method(

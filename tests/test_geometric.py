@@ -324,7 +324,7 @@ def layer_t(name: str, gradient: list[float]) -> float:
     return (1 - (position - low)) * gradient[low] + (position - low) * gradient[high]
 
 
-# method, CLI arguments after --method, the models used besides the base, expected tensor from inputs
+# method: (its flags, the models it takes besides the base, the expected tensor from name, base and models)
 CLI_CASES = {
     "slerp": (["--t", "0", "0.3", "1"], "a",
               lambda name, base, ms: slerp(base.float(), ms[0].float(), layer_t(name, [0, 0.3, 1]))),
