@@ -231,8 +231,7 @@ def methods_table() -> str:
         params = "<br>".join(f"`{p.cli_flag}` = {p.default_text}" + (" (per model)" if p.per_model else "")
                              for p in m.params) or "—"
         compute = m.compute.__doc__ if callable(m.compute) else rules.get(m.compute, m.compute)
-        name = f"`{m.name}` with `--base`" if m.mergekit_variant else f"`{m.name}`"
-        rows.append(f"| {name} | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
+        rows.append(f"| `{label(m)}` | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
                     f"| {rules.get(m.output, m.output)} | {m.scope} |")
     return "\n".join(rows)
 
