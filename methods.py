@@ -583,10 +583,13 @@ def slerp_norm(v: Tensor) -> Tensor:
 def slerp(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
     if not 0.0 <= t <= 1.0:
         warnings.warn(MethodWarning("extrapolate", f"t = {t:g} lies outside [0, 1], so slerp extrapolates"))
-    v0, v1 = base.reshape(-1), models[0].reshape(-1)
-    t = torch.tensor(t, dtype=v0.dtype, device=v0.device)
+    # float32 even when a --compute-dtype (mergekit's `dtype:`) has cast the inputs to half precision, as
+    # mergekit's slerp does
+    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+    v0, v1 = base.reshape(-1).to(wide), models[0].reshape(-1).to(wide)
+    t = torch.tensor(t, dtype=wide, device=v0.device)
     if v0.numel() == 0:
-        return base
+        return v0.reshape(base.shape)
     # A zero tensor is divided by 1, not 0: its cosine with anything is 0, a quarter turn.
     n0, n1 = (torch.where(n > 1e-8, n, 1) for n in (slerp_norm(v0), slerp_norm(v1)))
     parts = [ordered_sum((v0[start:stop] / n0) * (v1[start:stop] / n1))

@@ -509,7 +509,8 @@ def differential_cases() -> list[tuple[str, dict, object]]:
             base = random(*shape, seed=10 * seed).to(dtype)
             a, b, c = ((base.float() + random(*shape, seed=10 * seed + i, scale=0.3)).to(dtype) for i in (1, 2, 3))
             tag = f"{str(dtype).removeprefix('torch.')} {shape}"
-            add(f"slerp {tag}", "slerp", [base, a], 0, {"t": 0.3}, slerp(base.float(), a.float(), 0.3).to(dtype))
+            # bf16 inputs as --compute-dtype bfloat16 gives them: slerp still computes in float32
+            add(f"slerp {tag}", "slerp", [base, a], 0, {"t": 0.3}, slerp(base, a, 0.3).to(dtype))
             if len(shape) > 1 and shape[0] > 1000:
                 continue  # the rest is covered by the smaller shapes; keeps the test quick
             for flatten, row_wise in ((True, False), (False, False), (False, True)):
@@ -552,6 +553,11 @@ RECIPES = {
     "slerp-llama": (("llama", torch.float32), {"merge_method": "slerp", "base_model": "base", "models": ["a"],
                                                "parameters": {"t": [0, 0.3, 1]}},
                     ["--method", "slerp", "--base", "base", "--models", "a", "--t", "0", "0.3", "1"]),
+    "slerp-llama-dtype-bf16": (("llama", torch.float32),
+                               {"merge_method": "slerp", "base_model": "base", "models": ["a"],
+                                "parameters": {"t": [0, 0.3, 1]}, "dtype": "bfloat16"},
+                               ["--method", "slerp", "--base", "base", "--models", "a", "--t", "0", "0.3", "1",
+                                "--compute-dtype", "bfloat16"]),
     "nearswap-llama": (("llama", torch.float32), {"merge_method": "nearswap", "base_model": "base", "models": ["a"],
                                                   "parameters": {"t": 0.01}},
                        ["--method", "nearswap", "--base", "base", "--models", "a", "--t", "0.01"]),
@@ -583,8 +589,9 @@ def mergekit_recipe(recipe: dict, places: dict) -> dict:
     models = [{"model": str(places[n]), **({"parameters": {"weight": weights[i]}} if weights else {})}
               for i, n in enumerate(recipe["models"])]
     document = {"merge_method": recipe["merge_method"], "base_model": str(places[recipe["base_model"]]), "models": models}
-    if "parameters" in recipe:
-        document["parameters"] = recipe["parameters"]
+    for key in ("parameters", "dtype"):
+        if key in recipe:
+            document[key] = recipe[key]
     return document
 
 
