@@ -141,10 +141,19 @@ class Parser(argparse.ArgumentParser):
         raise MergeError(message)
 
 
+def declared_methods() -> list[methods.Method]:
+    """Every declaration: the registry, then mergekit's variants of some of its names."""
+    return [*methods.REGISTRY.values(), *methods.MERGEKIT_VARIANTS.values()]
+
+
+def label(m: methods.Method) -> str:
+    return f"{m.name} with --base" if m.mergekit_variant else m.name
+
+
 def param_flags() -> dict[str, list[tuple[methods.Method, methods.Param]]]:
     """Every method-parameter flag, with the methods that declare it."""
     flags: dict[str, list] = defaultdict(list)
-    for m in methods.REGISTRY.values():
+    for m in declared_methods():
         for p in m.params:
             flags[p.cli_flag].append((m, p))
     return dict(flags)
@@ -205,7 +214,7 @@ def build_parser() -> Parser:
         texts: dict[str, list[str]] = defaultdict(list)  # methods sharing a parameter's text are named once
         for m, q in users:
             limits = f", {q.range_text()}" if q.range_text() else ""
-            texts[f"{q.help} (default {q.default_text}{limits})"].append(m.name)
+            texts[f"{q.help} (default {q.default_text}{limits})"].append(label(m))
         helps = "; ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
         names = [flag, *p.aliases]
         if p.kind is bool:
@@ -237,13 +246,13 @@ def methods_table() -> str:
              methods.BASE: "base's"}
     rows = ["| method | what it does | when to use it | models | base | parameters (CLI flag = default) "
             "| computes in | writes | scope |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in methods.REGISTRY.values():
+    for m in declared_methods():
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}–{m.max_models}" if m.max_models else f"≥ {m.min_models}")
         params = "<br>".join(f"`{p.cli_flag}` = {p.default_text}" + (" (per model)" if p.per_model else "")
                              for p in m.params) or "—"
         compute = m.compute.__doc__ if callable(m.compute) else rules.get(m.compute, m.compute)
-        rows.append(f"| `{m.name}` | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
+        rows.append(f"| `{label(m)}` | {m.summary} | {m.when} | {count} | {m.base} | {params} | {compute} "
                     f"| {rules.get(m.output, m.output)} | {m.scope} |")
     return "\n".join(rows)
 
@@ -396,7 +405,20 @@ def check_model_reference(text, where: str) -> list[str]:
     return []
 
 
-def config_settings(method: methods.Method, raw, where: str, level: str) -> tuple[dict, list[str]]:
+def recipe_method(data: dict) -> methods.Method:
+    """A recipe's method: mergekit's semantics of the name (karcher), unless the recipe sets a shared
+    parameter that only our semantics have (our outputs store karcher's `compute`)."""
+    method = find_method(data["merge_method"])
+    variant = methods.MERGEKIT_VARIANTS.get(method.name)
+    if variant is None:
+        return method
+    ours = {p.key for p in method.params if not p.per_model} - {p.key for p in variant.params}
+    levels = [data.get("parameters")] + [s.get("parameters") for s in data.get("slices") or [] if isinstance(s, dict)]
+    given = {key for level in levels if isinstance(level, dict) for key in level}
+    return method if given & ours else variant
+
+
+def config_settings(method: methods.Method, raw, where: str, level: str, reporter: Reporter) -> tuple[dict, list[str]]:
     """A `parameters:` mapping, checked: known names, per-model names at model level, well-formed values."""
     if raw is None:
         return {}, []
@@ -406,6 +428,9 @@ def config_settings(method: methods.Method, raw, where: str, level: str) -> tupl
     by_key = {p.key: p for p in method.params}
     for key, value in raw.items():
         p = by_key.get(key)
+        if p is None and key in method.ignores:
+            reporter.warn("ignored-parameter", f"{where}: {key} is ignored: {method.ignores[key]}")
+            continue
         if p is None:
             known = ", ".join(sorted(by_key)) or "none"
             note = "; mergekit removed embed_slerp in 2024 (PR #334)" if key == "embed_slerp" else ""
@@ -478,7 +503,7 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
             problems.append(f"unknown recipe key {key} (--allow-unknown-keys ignores it)")
     if not isinstance(data.get("merge_method"), str):
         raise MergeError(*problems, "the recipe needs merge_method: NAME")
-    method = find_method(data["merge_method"])
+    method = recipe_method(data)
     if ("models" in data) == ("slices" in data):
         problems.append("the recipe needs exactly one of models: and slices:")
     for key in ("dtype", "out_dtype"):
@@ -490,11 +515,11 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
     base = data.get("base_model")
     if base is not None:
         problems += check_model_reference(base, "base_model")
-    settings, found = config_settings(method, data.get("parameters"), "parameters", "top")
+    settings, found = config_settings(method, data.get("parameters"), "parameters", "top", reporter)
     problems += found
     slices = []
     if isinstance(data.get("models"), list) and data["models"]:
-        sources, found = config_sources(method, data["models"], "models", with_layers=False)
+        sources, found = config_sources(method, data["models"], "models", False, reporter)
         problems += found
         slices.append(Slice(sources))
     elif "models" in data:
@@ -509,9 +534,9 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
                 problems.append(f"{where}: unknown key {key}")
             if "residual_weight" in entry:
                 reporter.warn("residual", f"{where}: residual_weight is ignored (mergekit does not use it either)")
-            slice_settings, found = config_settings(method, entry.get("parameters"), f"{where}.parameters", "slice")
+            slice_settings, found = config_settings(method, entry.get("parameters"), f"{where}.parameters", "slice", reporter)
             problems += found
-            sources, found = config_sources(method, entry["sources"], f"{where}.sources", with_layers=True)
+            sources, found = config_sources(method, entry["sources"], f"{where}.sources", True, reporter)
             problems += found
             if entry.get("base_model") is not None:
                 problems += check_model_reference(entry["base_model"], f"{where}.base_model")
@@ -529,17 +554,19 @@ def recipe_from_config(data: dict, args: argparse.Namespace, reporter: Reporter)
                   sliced="slices" in data, from_config=True, tokenizer=tokenizer)
 
 
-def config_sources(method: methods.Method, entries: list, where: str, with_layers: bool) -> tuple[list[Source], list[str]]:
+def config_sources(method: methods.Method, entries: list, where: str, with_layers: bool,
+                   reporter: Reporter) -> tuple[list[Source], list[str]]:
     sources, problems = [], []
     for i, entry in enumerate(entries):
-        source, found = config_source(method, entry, f"{where}[{i}]", with_layers)
+        source, found = config_source(method, entry, f"{where}[{i}]", with_layers, reporter)
         problems += found
         if source:
             sources.append(source)
     return sources, problems
 
 
-def config_source(method: methods.Method, entry, where: str, with_layers: bool) -> tuple[Source | None, list[str]]:
+def config_source(method: methods.Method, entry, where: str, with_layers: bool,
+                  reporter: Reporter) -> tuple[Source | None, list[str]]:
     keys = {"model", "parameters"} | ({"layer_range"} if with_layers else set())
     if isinstance(entry, str):
         entry = {"model": entry}
@@ -547,7 +574,7 @@ def config_source(method: methods.Method, entry, where: str, with_layers: bool) 
         return None, [f"{where}: needs model: PATH"]
     problems = [f"{where}: unknown key {k}" for k in entry if k not in keys]
     problems += check_model_reference(entry["model"], where)
-    settings, found = config_settings(method, entry.get("parameters"), f"{where} ({entry['model']})", "model")
+    settings, found = config_settings(method, entry.get("parameters"), f"{where} ({entry['model']})", "model", reporter)
     problems += found
     layers = None
     if with_layers:
@@ -561,7 +588,12 @@ def config_source(method: methods.Method, entry, where: str, with_layers: bool) 
 
 
 def recipe_from_args(method: methods.Method, args: argparse.Namespace, reporter: Reporter) -> Recipe:
-    """The recipe the flags describe: folders of checkpoints and globs expand into their files here."""
+    """The recipe the flags describe: folders of checkpoints and globs expand into their files here.
+
+    A --base selects mergekit's semantics of a name that has them (karcher).
+    """
+    if args.base is not None:
+        method = methods.MERGEKIT_VARIANTS.get(method.name, method)
     paths = expand_inputs(args.models, args.sort == "natural", reporter)
     base = args.base if method.base not in (methods.UNUSED, methods.REFUSED) else None
     if base is not None and resolve_input(base, natural=False) is not None:
@@ -1049,11 +1081,17 @@ def flag_problems(method: methods.Method, args: argparse.Namespace) -> list[str]
     """Flags given that the method does not use, with a hint towards what was probably meant."""
     problems = []
     declared = {p.cli_flag for p in method.params}
+    default_semantics = {p.cli_flag: p for p in methods.REGISTRY[method.name].params}
     for flag, users in param_flags().items():
         value = getattr(args, _dest(flag))
         if value is None or flag in declared or (isinstance(value, list) and not split_values(value)):
             continue
         p = users[0][1]
+        if flag in default_semantics:  # mergekit's variant, chosen by --base, lacks this flag
+            own = default_semantics[flag]
+            hint = " (list the base in --models to give it a weight)" if own.per_model else ""
+            problems.append(f"{method.name}: {spelled(own, args)} cannot be combined with --base{hint}")
+            continue
         sibling = next((q for q in method.params if q.name == p.name or (
             {p.cli_flag, *p.aliases} & {"--alpha", "--alphas", "--weights"}
             and {q.cli_flag, *q.aliases} & {"--alpha", "--alphas", "--weights"})), None)
@@ -1925,6 +1963,8 @@ def merge_block(plan: Plan, job: Job, inputs: list):
     compute = torch_dtype(job.compute)
     device = plan.device
     keywords = dict(job.params)
+    if plan.method.uses_base and not job.base:
+        keywords["base"] = None  # an optional base that was not given
     if job.seed is not None:
         keywords["generator"] = torch.Generator().manual_seed(job.seed)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -149,6 +149,8 @@ class Method:
     # MATRIX scope: why a 2-D tensor of this shape, with this many models, must take the fallback (or None)
     matrix_check: Callable[[tuple[int, ...], int, dict], str | None] | None = None
     too_few_hint: str = ""  # appended to the error when fewer than min_models models are given
+    mergekit_variant: bool = False  # mergekit's semantics of a name whose default semantics differ (MERGEKIT_VARIANTS)
+    ignores: dict[str, str] = field(default_factory=dict)  # recipe keys accepted with a warning: key -> why
 
     @property
     def uses_base(self) -> bool:
@@ -174,6 +176,11 @@ class Method:
 
 REGISTRY: dict[str, Method] = {}
 
+# mergekit's semantics of a registered name, where ours differ (karcher: the seed script's weighted mean vs
+# mergekit's equal-weight mean over the models and the base). Recipes always take the variant; the command
+# line takes it when a --base is given.
+MERGEKIT_VARIANTS: dict[str, Method] = {}
+
 
 def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[Param] = (),
            base: str = UNUSED, min_models: int = 1, max_models: int | None = None, scope: str = ELEMENTWISE,
@@ -181,13 +188,16 @@ def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[P
            properties: Sequence[str] = (), check: Callable[..., list[tuple[str, str]]] | None = None,
            random: bool = False, fallback: Callable[..., Tensor] | None = None, seed_keys: bool = False,
            donor: str | None = None, base_note: str = "",
-           matrix_check: Callable[[tuple[int, ...], int, dict], str | None] | None = None, too_few_hint: str = ""):
+           matrix_check: Callable[[tuple[int, ...], int, dict], str | None] | None = None, too_few_hint: str = "",
+           mergekit_variant: bool = False, ignores: dict[str, str] | None = None):
     """Declare and register a method; the function itself is returned unchanged.
 
     `min_models` and `max_models` count the models besides a REQUIRED or OPTIONAL base. A MATRIX method
     names its `fallback`, an element-wise function with the same signature, and may name a `matrix_check`
     that sends a 2-D tensor to the fallback (with a warning) when the matrix math cannot apply to it.
     `check(params)` or `check(params, count)` returns cross-parameter problems, and may warn with MethodWarning.
+    `mergekit_variant` declares mergekit's semantics of an already registered name (see MERGEKIT_VARIANTS).
+    `ignores` names recipe parameters that mergekit accepts and ignores: they warn instead of failing.
     """
 
     def register(func: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -206,9 +216,12 @@ def method(*, name: str, summary: str, paper: str, when: str, params: Sequence[P
         checker = check
         if check is not None and check.__code__.co_argcount == 1:  # a check that needs no model count
             checker = lambda params, count: check(params)  # noqa: E731
-        REGISTRY[name] = Method(name, func, summary, paper, tuple(params), base, min_models, max_models, scope,
-                                compute, output, frozenset(properties), checker, when, random, fallback, seed_keys,
-                                donor, base_note, matrix_check, too_few_hint)
+        if mergekit_variant and name not in REGISTRY:
+            raise TypeError(f"method {name}: declare the default semantics before mergekit's variant")
+        table = MERGEKIT_VARIANTS if mergekit_variant else REGISTRY
+        table[name] = Method(name, func, summary, paper, tuple(params), base, min_models, max_models, scope,
+                             compute, output, frozenset(properties), checker, when, random, fallback, seed_keys,
+                             donor, base_note, matrix_check, too_few_hint, mergekit_variant, ignores or {})
         return func
 
     return register
@@ -430,6 +443,9 @@ def passthrough(models: Sequence[Tensor], *, scale: Sequence[float | None]) -> T
 # Karcher mean on the sphere
 
 
+KARCHER_ITERATIONS = Param("max_iter", default=10, kind=int, low=0, flag="--karcher-iter", help="iterations at most")
+
+
 def karcher_compute(params: dict) -> str:
     """float32 (`--karcher-compute native`: the first model's dtype)"""
     return FIRST if params["compute"] == "native" else FLOAT32
@@ -445,7 +461,7 @@ def karcher_compute(params: dict) -> str:
     scope=WHOLE,
     params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
                   help="one weight per model, normalised (negative allowed)"),
-            Param("max_iter", default=10, kind=int, low=0, flag="--karcher-iter", help="iterations at most"),
+            KARCHER_ITERATIONS,
             Param("tol", default=1e-5, low=0.0, high=1.0, low_open=True, high_open=True, flag="--karcher-tol",
                   help="tolerance of every convergence and zero-norm test"),
             Param("compute", default="float32", kind=str, choices=("float32", "native"), flag="--karcher-compute",
@@ -1151,3 +1167,355 @@ def select(mask: Tensor, if_true: Tensor, if_false: Tensor) -> Tensor:
     true_bits, false_bits = if_true.view(kind), if_false.view(kind)
     flips = false_bits.bitwise_xor(true_bits).bitwise_and_(mask.to(kind).neg_())
     return flips.bitwise_xor_(false_bits).view(if_true.dtype)
+
+
+# mergekit's geometric methods: slerp, nuslerp, multislerp, karcher (mergekit's variant), model_stock,
+# nearswap, arcee_fusion
+#
+# Each replays mergekit 0.1.5's arithmetic op for op in the dtype mergekit computes in, so bf16 inputs give
+# its bits. One departure: a reduction to a single number (a whole-tensor dot product) is added up the way
+# one thread adds it (`ordered_sum`), so our bits do not change with the thread count; mergekit's do, and
+# equal ours when it runs on one thread.
+
+
+def ordered_sum(x: Tensor) -> Tensor:
+    """x.sum() as one thread adds it up, whatever the thread count.
+
+    torch splits a reduction with one output among threads, which changes its rounding with their number.
+    With two outputs (the same row twice: a stride-0 view, no copy) each row is summed by one thread, in
+    the order torch uses for every row of a matrix.
+    """
+    return x.reshape(1, -1).expand(2, -1).sum(-1)[0]
+
+
+def row_sums(x: Tensor) -> Tensor:
+    """x.sum(-1, keepdim=True) in a fixed order: a lone row goes through ordered_sum."""
+    if x.dim() == 0:
+        return x.clone()
+    if math.prod(x.shape[:-1]) == 1:
+        return ordered_sum(x).reshape(x.shape[:-1] + (1,))
+    return x.sum(-1, keepdim=True)
+
+
+def stacked_sum(terms: Iterable[Tensor]) -> Tensor:
+    """torch.stack(terms).sum(0) without the stack, one term alive at a time: half precision adds up in
+    float32 and rounds once, as torch's sum does."""
+    terms = iter(terms)
+    term = next(terms)
+    dtype = term.dtype
+    total = torch.zeros(term.shape, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
+                        device=term.device)
+    while term is not None:
+        total += term
+        del term  # before the next term is made
+        term = next(terms, None)
+    return total.to(dtype)
+
+
+def required(name: str) -> Callable[[dict], list[tuple[str, str]]]:
+    """A check that a parameter without a default was given."""
+    return lambda params: [(name, "is required")] if params[name] is None else []
+
+
+SLERP_CHUNK = 1 << 20  # mergekit's slerp reduces chunks this long, then their results
+
+
+def slerp_norm(v: Tensor) -> Tensor:
+    """||v|| as mergekit's slerp takes it: the norm of the chunks' norms."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[start:stop])
+                                                 for start, stop in chunk_ranges(v.numel(), SLERP_CHUNK)]))
+
+
+@method(
+    name="slerp",
+    summary="Spherical interpolation from the base (t = 0) to one model (t = 1) along the arc between them.",
+    paper="Shoemake, SIGGRAPH 1985; mergekit 'slerp'",
+    when="Blend two models, often with a per-layer gradient of t (--t 0 0.5 1).",
+    base=REQUIRED,
+    min_models=1,
+    max_models=1,
+    scope=WHOLE,
+    compute=FLOAT32,
+    output=PROMOTED,
+    params=[Param("t", help="position from the base (0) to the model (1); several values form a per-layer gradient")],
+    check=required("t"),
+    properties=[IDENTITY, HOMOGENEOUS],
+)
+def slerp(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
+    if not 0.0 <= t <= 1.0:
+        warnings.warn(MethodWarning("extrapolate", f"t = {t:g} lies outside [0, 1], so slerp extrapolates"))
+    # float32 even when a --compute-dtype (mergekit's `dtype:`) has cast the inputs to half precision, as
+    # mergekit's slerp does
+    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+    v0, v1 = base.reshape(-1).to(wide), models[0].reshape(-1).to(wide)
+    t = torch.tensor(t, dtype=wide, device=v0.device)
+    if v0.numel() == 0:
+        return v0.reshape(base.shape)
+    # A zero tensor is divided by 1, not 0: its cosine with anything is 0, a quarter turn.
+    n0, n1 = (torch.where(n > 1e-8, n, 1) for n in (slerp_norm(v0), slerp_norm(v1)))
+    parts = [ordered_sum((v0[start:stop] / n0) * (v1[start:stop] / n1))
+             for start, stop in chunk_ranges(v0.numel(), SLERP_CHUNK)]
+    dot = torch.stack(parts).sum(0).clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        # Nearly parallel or opposite: the arc's plane is ill-defined, the straight line is not.
+        c0, c1 = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        c0, c1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    out = torch.empty_like(v0)
+    for start, stop in chunk_ranges(v0.numel()):
+        torch.add(c0 * v0[start:stop], c1 * v1[start:stop], out=out[start:stop])
+    return out.reshape(base.shape)
+
+
+def slerp_vectors(t: float, v0: Tensor, v1: Tensor, flatten: bool, row_wise: bool) -> Tensor:
+    """nuslerp's interpolation of v0 and v1 at t: one arc for the whole tensor, or one per row."""
+    shape = v0.shape
+    if flatten or v0.dim() == 0:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u0 *= v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = row_sums(u0).clamp(-1, 1)
+    del u0
+    colinear = (1 - cos.square()) <= 1e-8**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = torch.sin((1 - t) * theta) * v0
+    result += torch.sin(t * theta) * v1
+    result /= torch.sin(theta)
+    if colinear.any():
+        straight = (1 - t) * v0
+        straight += t * v1
+        result = torch.where(colinear, straight, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+@method(
+    name="nuslerp",
+    summary="Slerp of two models at t = w2 / (w1 + w2), one arc per tensor or per row; with a base, of their "
+            "task vectors.",
+    paper="mergekit 'nuslerp'",
+    when="Slerp two fine-tunes by weight, or their changes from a common base (--base).",
+    base=OPTIONAL,
+    min_models=2,
+    max_models=2,
+    scope=WHOLE,
+    compute=PROMOTED,
+    output=PROMOTED,
+    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
+                  help="one weight per model; t = w2 / (w1 + w2), 0.5 when they sum to 0"),
+            Param("nuslerp_flatten", default=True, kind=bool,
+                  help="one arc for the whole tensor; --no-nuslerp-flatten: one per vector"),
+            Param("nuslerp_row_wise", default=False, kind=bool,
+                  help="without flattening, vectors along the first axis (a weight's columns) instead of the last")],
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def nuslerp(models: Sequence[Tensor], *, weight: Sequence[float], nuslerp_flatten: bool, nuslerp_row_wise: bool,
+            base: Tensor | None) -> Tensor:
+    if nuslerp_row_wise and nuslerp_flatten:
+        warnings.warn(MethodWarning("row-wise", "--nuslerp-row-wise does nothing while flattening "
+                                                "(add --no-nuslerp-flatten)"))
+    total = weight[0] + weight[1]
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if base is None:
+        return slerp_vectors(t, models[0], models[1], nuslerp_flatten, nuslerp_row_wise)
+    return base + slerp_vectors(t, models[0] - base, models[1] - base, nuslerp_flatten, nuslerp_row_wise)
+
+
+@method(
+    name="multislerp",
+    summary="Weighted spherical mean of several models in one tangent-space step; with a base, of their task "
+            "vectors.",
+    paper="Goddard, 'Multi-SLERP' (goddard.blog); mergekit 'multislerp'",
+    when="Slerp more than two models at once.",
+    base=OPTIONAL,
+    min_models=1,
+    scope=WHOLE,
+    compute=PROMOTED,
+    output=PROMOTED,
+    params=[Param("weight", default=equal, per_model=True, flag="--weights", aliases=("--alphas",),
+                  help="one weight per model"),
+            Param("normalize_weights", default=True, kind=bool, help="divide the weights by their sum"),
+            Param("eps", default=1e-8, low=0.0, low_open=True, help="added to norms before dividing by them")],
+    check=lambda p: ([("weight", "sum to 0 (use --no-normalize-weights to take them as they are)")]
+                     if p["normalize_weights"] and math.fsum(p["weight"]) == 0 else []),
+    properties=[ORDER_FREE],
+)
+def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_weights: bool, eps: float,
+               base: Tensor | None) -> Tensor:
+    if len(models) == 1 or models[0].numel() == 0:
+        return models[0]
+    shape = models[0].shape
+    weights = torch.tensor(weight, dtype=models[0].dtype, device=models[0].device)
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms, units = [], []
+    for x in models:
+        vector = (x if base is None else x - base).reshape(-1)
+        norms.append(torch.norm(vector))
+        units.append(vector / (norms[-1] + eps))
+        del vector  # before the next one is made
+    mean = stacked_sum(u * w for u, w in zip(units, weights))
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(models) > 2:
+            raise ValueError("the weighted directions cancel out (the models, or their task vectors, are zero "
+                             "or opposite with balancing weights)")
+        # Two opposite directions: mergekit falls back to the straight line between the models.
+        first, second = ((x if base is None else x - base) for x in models)
+        result = first * weights[0] + second * weights[1]
+        return result if base is None else result + base
+    mean /= mean_norm
+    for u in units:  # each unit vector becomes its projection onto the tangent plane at the mean
+        u -= row_sums(u * mean) * mean
+    tangent = stacked_sum(u * w for u, w in zip(units, weights))
+    del units
+    size = torch.norm(tangent) + eps
+    result = mean  # the exponential map's step from the mean, in place
+    result *= torch.cos(size)
+    result += tangent * (torch.sin(size) / size)
+    result *= (torch.stack(norms) * weights).sum()
+    result = result.reshape(shape)
+    if base is not None:
+        result += base
+    return result
+
+
+@method(
+    name="karcher",
+    mergekit_variant=True,
+    summary="mergekit's Karcher mean: equal weights over the models and the base, in the inputs' dtype.",
+    paper="Karcher-merge (win10ogod/Karcher-merge); mergekit 'karcher'",
+    when="Give mergekit's karcher result: --method karcher --base B (the base is one more, equal input).",
+    base=INPUT,
+    min_models=1,
+    scope=WHOLE,
+    compute=PROMOTED,
+    output=PROMOTED,
+    params=[KARCHER_ITERATIONS,
+            Param("tol", default=1e-5, low=0.0, flag="--karcher-tol",
+                  help="tolerance of every convergence and zero-norm test")],
+    ignores={"weight": "mergekit's karcher weighs every input equally"},
+    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+)
+def karcher_mergekit(models: Sequence[Tensor], *, max_iter: int, tol: float) -> Tensor:
+    if len(models) == 1:
+        return models[0]
+    return karcher_direct(models, equal(len(models)), max_iter, tol)
+
+
+@method(
+    name="model_stock",
+    summary="Moves from the base towards the fine-tunes' mean, by a factor set by the angles between their task "
+            "vectors.",
+    paper="Model Stock, Jang et al., ECCV 2024, arXiv 2403.19522",
+    when="Average several fine-tunes of one base without choosing weights.",
+    base=REQUIRED,
+    min_models=2,
+    scope=WHOLE,
+    compute=PROMOTED,
+    output=PROMOTED,
+    params=[Param("filter_wise", default=False, kind=bool, help="one factor per row (last axis), not per tensor")],
+    properties=[IDENTITY, ORDER_FREE],
+)
+def model_stock(models: Sequence[Tensor], *, filter_wise: bool, base: Tensor) -> Tensor:
+    def vectors(x: Tensor) -> Tensor:
+        return (x.reshape(1, -1) if x.dim() < 2 else x) if filter_wise else x.reshape(-1)
+
+    origin, points = vectors(base), [vectors(x) for x in models]
+    # Task vectors are made again for each pair: memory for two of them, not for all.
+    norms = [torch.norm(p - origin, dim=-1) for p in points]
+    cosines = []
+    for a in range(len(points)):
+        for b in range(a + 1, len(points)):
+            dots = row_sums((points[a] - origin) * (points[b] - origin)).squeeze(-1)
+            cosines.append((dots / (norms[a] * norms[b]).clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(points)
+    denominator = 1 + (count - 1) * cos_theta
+    # Where the denominator vanishes there is no finite factor: keep the base there.
+    singular = denominator.abs() < 1e-6
+    denominator = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / denominator)
+    result = sum(points) / count
+    result *= t
+    result += (1 - t) * origin
+    return result.reshape(base.shape)
+
+
+@method(
+    name="nearswap",
+    summary="Takes the model's value where it lies within t of the base's, and less of it the farther apart they "
+            "are: w = clamp(t / abs(base - model), 0, 1).",
+    paper="alchemonaut, QuartetAnemoi-70B-t0.0001; mergekit 'nearswap'",
+    when="Take a fine-tune's small changes into its base and keep the base where they differ a lot.",
+    base=REQUIRED,
+    min_models=1,
+    max_models=1,
+    compute=PROMOTED,
+    output=PROMOTED,
+    params=[Param("t", low=0.0, help="distance below which the model's value is taken whole")],
+    check=required("t"),
+    properties=[IDENTITY],
+)
+def nearswap(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
+    other = models[0]
+    weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * other + (1 - weight) * base
+
+
+QUANTILE_SAMPLE = 1_000_000  # beyond this many scores mergekit estimates the quantiles from this many draws
+
+
+def outlier_threshold(scores: Tensor, generator: torch.Generator) -> Tensor:
+    """Median + 1.5 x the interquartile range of the scores, quartiles taken without interpolation."""
+    flat = scores.reshape(-1)
+    if flat.numel() > QUANTILE_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator).to(flat.device)]
+    ordered = torch.sort(flat).values
+    positions = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()  # float32, as mergekit rounds
+    q1, median, q3 = ordered[positions.to(ordered.device)]
+    return median + 1.5 * (q3 - q1)
+
+
+@method(
+    name="arcee_fusion",
+    summary="Keeps the model's changes only where their size times the row's KL divergence from the base is an "
+            "outlier (above the median + 1.5 IQR).",
+    paper="Arcee Fusion (arcee.ai); mergekit 'arcee_fusion'",
+    when="Take only a fine-tune's most salient changes into its base.",
+    base=REQUIRED,
+    min_models=1,
+    max_models=1,
+    scope=WHOLE,
+    compute=PROMOTED,
+    output=PROMOTED,
+    random=True,
+    properties=[IDENTITY],
+)
+def arcee_fusion(models: Sequence[Tensor], *, base: Tensor, generator: torch.Generator) -> Tensor:
+    x = models[0]
+    if x.numel() == 0:
+        return x
+    p = x.softmax(-1)
+    p += 1e-8
+    divergence = base.softmax(-1)
+    divergence += 1e-8
+    torch.div(p, divergence, out=divergence)
+    divergence.log_()
+    divergence *= p
+    importance = (x - base).abs()
+    importance *= row_sums(divergence)
+    del p, divergence
+    threshold = outlier_threshold(importance, generator)
+    # The 0/1 mask is float32, so the sum is too (float64 for float64 inputs): mergekit's values, whatever
+    # the input dtype; the output dtype rounds them once.
+    old, new, scores = base.reshape(-1), x.reshape(-1), importance.reshape(-1)
+    out = torch.empty(old.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for start, stop in chunk_ranges(out.numel()):
+        mask = (scores[start:stop] >= threshold).float()
+        torch.add(old[start:stop], (new[start:stop] - old[start:stop]) * mask, out=out[start:stop])
+    return out.reshape(x.shape)

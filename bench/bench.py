@@ -140,16 +140,24 @@ def largest_tensor(paths: list[Path]) -> int:
     return largest
 
 
-def method_args(name: str, paths: list[Path]) -> list[str]:
-    sys.path.insert(0, str(ROOT))
-    import methods
+# Methods that take the family's base and this many of its fine-tunes (None: all), with their flags.
+WITH_BASE = {"slerp": (1, ["--t", "0.5"]), "nearswap": (1, ["--t", "0.001"]), "arcee_fusion": (1, []),
+             "nuslerp": (2, []), "multislerp": (None, []), "model_stock": (None, []), "karcher+base": (None, [])}
 
+
+def method_args(name: str, paths: list[Path]) -> tuple[list[str], list[Path]]:
+    """The arguments after --method for one bench entry, and the model folders it reads.
+
+    `karcher+base` is mergekit's karcher: --method karcher with --base.
+    """
     base, tunes = paths[0], paths[1:]
     if name == "passthrough":
-        return ["--models", str(base)]
-    if methods.REGISTRY[name.replace("-", "_")].base == methods.REQUIRED:
-        return ["--base", str(base), "--models", *map(str, tunes)]
-    return ["--models", *map(str, tunes)]
+        return ["--models", str(base)], [base]
+    if name in WITH_BASE:
+        count, flags = WITH_BASE[name]
+        models = tunes[:count]
+        return ["--base", str(base), "--models", *map(str, models), *flags], [base, *models]
+    return ["--models", *map(str, tunes)], tunes
 
 
 def main() -> None:
@@ -185,13 +193,12 @@ def main() -> None:
     print("-" * len(header))
     out = workdir / "out"
     for name in args.methods.split(","):
-        arguments = method_args(name, paths)
-        inputs = [Path(a) for a in arguments if not a.startswith("--")]
+        arguments, inputs = method_args(name, paths)
         out_file = out / f"{name}.safetensors"
         if out_file.exists():
             out_file.unlink()
-        command = [sys.executable, str(MERGE), "--method", name, *arguments, "--output", str(out_file),
-                   "--quiet", "--device", args.device, *shlex.split(args.merge_args)]
+        command = [sys.executable, str(MERGE), "--method", name.removesuffix("+base"), *arguments,
+                   "--output", str(out_file), "--quiet", "--device", args.device, *shlex.split(args.merge_args)]
         wall, peak, code, err = timed(command)
         if code != 0:
             print(f"{name:<14} failed ({code}): {err}")

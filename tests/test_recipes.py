@@ -333,3 +333,17 @@ def test_recipe_dtypes_set_the_compute_and_output_dtypes(tmp_path, folders, run)
     expected = ((s0[name].bfloat16().float() + s1[name].bfloat16().float()).bfloat16().float() / 2)
     assert out[name].dtype == torch.float16
     assert torch.allclose(out[name].float(), expected, atol=2e-3)
+
+
+def test_a_karcher_recipe_means_mergekits_karcher_and_its_weights_are_ignored_with_a_warning(tmp_path, folders, run):
+    recipe = write(tmp_path, {"merge_method": "karcher", "base_model": "m2",
+                              "models": [{"model": "m0", "parameters": {"weight": 0.9}}, {"model": "m1"}]})
+    code, _, err = run("--config", recipe, "--output", "a.safetensors")
+    assert code == 0, err
+    assert "weight is ignored: mergekit's karcher weighs every input equally" in err
+    code, _, err = run("--method", "karcher", "--models", "m0", "m1", "m2", "--karcher-compute", "native",
+                       "--output", "b.safetensors")
+    assert code == 0, err
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)  # equal weights over models and base, the input dtype's math
+    assert json.loads(metadata(tmp_path / "a.safetensors")["merge_recipe"])["base_model"] == "m2"
