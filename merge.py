@@ -1027,6 +1027,7 @@ class Job:
     base: bool = False  # pass the last input as `base=`
     seed: int | None = None  # the seed of this tensor's generator, for random methods
     align: Alignment | None = None  # vocabulary tensors: the inputs' rows re-indexed first
+    load: str | None = None  # the dtype every input is cast to as it is loaded (recipe `dtype:`)
 
 
 @dataclass
@@ -1789,14 +1790,17 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
         params, missing = resolve_params(recipe, group, tensor)
         for key, position in missing:
             who = f" for {models[group.sources[position]].label}" if position is not None else ""
-            line = f"{method.name}: missing required parameter {key}{who}"
+            line = (f"{method.name}: missing required parameter {key}{who}" if recipe.from_config
+                    else f"{method.name}: {spelled(method.param(key), args)} is required")
             if line not in problems:
                 problems.append(line)
         for line in checked(recipe, params, len(group.sources) - group.base, args, reporter):
             if line not in problems:
                 problems.append(line)
-        dtypes = [info.dtype for info in infos]
-        compute = recipe.dtype or compute_dtype(method.compute_rule(params), dtypes, group.donor)
+        # mergekit's `dtype:` (--compute-dtype) casts every input as it is loaded; the method's own compute
+        # rule then applies to the cast inputs (linear still accumulates bfloat16 inputs in float32).
+        dtypes = [recipe.dtype] * len(infos) if recipe.dtype else [info.dtype for info in infos]
+        compute = compute_dtype(method.compute_rule(params), dtypes, group.donor)
         out = recipe.out_dtype or recipe.dtype or compute_dtype(method.output, dtypes, group.donor)
         func, scope = method.func, method.scope
         if scope == methods.MATRIX:
@@ -1811,7 +1815,7 @@ def plan_jobs(recipe: Recipe, models: list[Model], index: dict[str, int], option
         align = (vocabulary_alignment(vocabulary, models, tensor, aligned[tensor.name], reporter)
                  if tensor.name in aligned else None)
         jobs.append(Job(tensor.name, TensorInfo(out, shape), reads, params, compute, func, scope, group.base, seed,
-                        align))
+                        align, recipe.dtype))
     if problems:
         raise MergeError(*problems)
     names = [job.name for job in jobs]
@@ -1973,13 +1977,19 @@ def merge_block(plan: Plan, job: Job, inputs: list):
             return job.func(tensors[:-1], base=tensors[-1], **keywords)
         return job.func(tensors, **keywords)
 
+    def loaded(x):
+        """On the device in the compute dtype, through the load cast when a recipe asks for one."""
+        if job.load is not None:
+            x = x.to(device=device, dtype=torch_dtype(job.load))
+        return x.to(device=device, dtype=compute)
+
     if job.scope == methods.ELEMENTWISE:
         out = torch.empty(inputs[0].numel(), dtype=torch_dtype(job.out.dtype), device=device)
         step = methods.CHUNK if device == "cpu" else max(out.numel(), 1)
         for start, stop in methods.chunk_ranges(out.numel(), step):
-            out[start:stop] = call([x[start:stop].to(device=device, dtype=compute) for x in inputs])
+            out[start:stop] = call([loaded(x[start:stop]) for x in inputs])
         return out
-    return call([x.to(device=device, dtype=compute).reshape(job.out.shape) for x in inputs]).reshape(-1)
+    return call([loaded(x).reshape(job.out.shape) for x in inputs]).reshape(-1)
 
 
 def run_merge(plan: Plan, reporter: Reporter, strict: bool = False) -> dict:

@@ -157,7 +157,8 @@ class Method:
         return self.base in (REQUIRED, OPTIONAL)
 
     def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
+        """The parameter called `name` (its Python name or its recipe key)."""
+        return next((p for p in self.params if name in (p.name, p.key)), None)
 
     def compute_rule(self, params: dict) -> str:
         return self.compute(params) if callable(self.compute) else self.compute
@@ -1212,11 +1213,6 @@ def stacked_sum(terms: Iterable[Tensor]) -> Tensor:
     return total.to(dtype)
 
 
-def required(name: str) -> Callable[[dict], list[tuple[str, str]]]:
-    """A check that a parameter without a default was given."""
-    return lambda params: [(name, "is required")] if params[name] is None else []
-
-
 SLERP_CHUNK = 1 << 20  # mergekit's slerp reduces chunks this long, then their results
 
 
@@ -1237,15 +1233,14 @@ def slerp_norm(v: Tensor) -> Tensor:
     scope=WHOLE,
     compute=FLOAT32,
     output=PROMOTED,
-    params=[Param("t", help="position from the base (0) to the model (1); several values form a per-layer gradient")],
-    check=required("t"),
+    params=[Param("t", required=True,
+                  help="position from the base (0) to the model (1); several values form a per-layer gradient")],
     properties=[IDENTITY, HOMOGENEOUS],
 )
 def slerp(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
     if not 0.0 <= t <= 1.0:
         warnings.warn(MethodWarning("extrapolate", f"t = {t:g} lies outside [0, 1], so slerp extrapolates"))
-    # float32 even when a --compute-dtype (mergekit's `dtype:`) has cast the inputs to half precision, as
-    # mergekit's slerp does
+    # mergekit's slerp widens half-precision tensors itself (the orchestrator's FLOAT32 rule already has)
     wide = torch.float64 if base.dtype == torch.float64 else torch.float32
     v0, v1 = base.reshape(-1).to(wide), models[0].reshape(-1).to(wide)
     t = torch.tensor(t, dtype=wide, device=v0.device)
@@ -1457,8 +1452,7 @@ def model_stock(models: Sequence[Tensor], *, filter_wise: bool, base: Tensor) ->
     max_models=1,
     compute=PROMOTED,
     output=PROMOTED,
-    params=[Param("t", low=0.0, help="distance below which the model's value is taken whole")],
-    check=required("t"),
+    params=[Param("t", low=0.0, required=True, help="distance below which the model's value is taken whole")],
     properties=[IDENTITY],
 )
 def nearswap(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:

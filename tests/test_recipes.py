@@ -347,3 +347,18 @@ def test_a_karcher_recipe_means_mergekits_karcher_and_its_weights_are_ignored_wi
     a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)  # equal weights over models and base, the input dtype's math
     assert json.loads(metadata(tmp_path / "a.safetensors")["merge_recipe"])["base_model"] == "m2"
+
+
+def test_recipe_dtype_is_a_load_cast_so_linear_still_accumulates_in_float32(tmp_path, run):
+    """mergekit's `dtype: bfloat16` rounds every input to bfloat16, then linear sums in float32 (§1.6)."""
+    g = torch.Generator().manual_seed(5)
+    states = [{"w": torch.randn(64, generator=g)} for _ in range(3)]
+    for i, s in enumerate(states):
+        save_safetensors(tmp_path / f"x{i}.safetensors", s)
+    recipe = write(tmp_path, {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"weight": 1.0},
+                              "models": [{"model": f"x{i}.safetensors"} for i in range(3)]})
+    code, _, err = run("--config", recipe, "--output", "o.safetensors")
+    assert code == 0, err
+    rounded = [s["w"].bfloat16().float() for s in states]
+    expected = (sum(rounded) / 3).bfloat16()
+    assert torch.equal(load(tmp_path / "o.safetensors")["w"], expected)
