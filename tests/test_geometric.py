@@ -623,7 +623,8 @@ def matches(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
 def test_methods_match_mergekit_on_fp32_and_bf16_tensors(mergekit_runs):
     cases, mergekit, _ = mergekit_runs
     # With the same torch, every kernel is the same and mergekit sums on one thread as we always do, so
-    # the bits are equal; karcher's float32 dot products (MKL's, rounded per thread count) on small tensors.
+    # the bits are equal. Karcher in float32 iterates in coefficient space (float64 scalars, thread-count
+    # independent), so it meets the spec's float32 tolerance rather than mergekit's bits.
     same_torch = mergekit["torch"] == str(torch.__version__)
     for (label, _, ours), theirs in zip(cases, mergekit["results"]):
         if isinstance(ours, ValueError):
@@ -631,7 +632,8 @@ def test_methods_match_mergekit_on_fp32_and_bf16_tensors(mergekit_runs):
             continue
         assert not isinstance(theirs, str), f"{label}: {theirs}"
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, label
-        assert torch.equal(ours, theirs) if same_torch else matches(ours, theirs), label
+        bits = same_torch and not (label.startswith("karcher") and ours.dtype in (torch.float32, torch.float64))
+        assert torch.equal(ours, theirs) if bits else matches(ours, theirs), label
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
