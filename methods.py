@@ -502,6 +502,8 @@ def karcher_direct(models: Sequence[Tensor], alphas: list[float], max_iter: int,
 STABLE = "stable"
 MERGEKIT = "mergekit"
 ROW = 1024  # row length of the deterministic float64 sums
+# Below this many keys, one kthvalue costs less than building 65536-bin histograms.
+RADIX_FROM = 1 << 16
 
 
 def sum64(t: Tensor, mask: Tensor | None = None) -> float:
@@ -556,7 +558,10 @@ def first_in_order(keys: Tensor, count: int, *, largest: bool) -> Tensor:
 
 def boundary_key(ints: Tensor, count: int, largest: bool) -> tuple[int, int]:
     """The count-th key (as an integer) in the order asked for, and how many keys equal to it are
-    taken: a radix selection, one 16-bit digit per pass, most significant first."""
+    taken: a radix selection, one 16-bit digit per pass, most significant first (kthvalue when few)."""
+    if ints.numel() <= RADIX_FROM:
+        value = int(torch.kthvalue(ints, count if not largest else ints.numel() - count + 1).values)
+        return value, count - int(((ints > value) if largest else (ints < value)).count_nonzero())
     width = ints.element_size() * 8
     prefix, remaining = 0, count
     for shift in range(width - 16, -1, -16):
@@ -639,7 +644,7 @@ def della_mask(x: Tensor, base: Tensor, density: float, epsilon: float, tie_brea
                generator: torch.Generator) -> Tensor:
     """DELLA's MagPrune: along dim 1 (a 1-D tensor is one row), the entry of rank r (1 = smallest |δ|)
     of a row of n survives with probability density - ε + 2ε·(r - 1)/(n - 1)."""
-    if density <= 0:
+    if density <= 0 or x.numel() == 0:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     rows = (lambda t: t.reshape(1, -1, 1)) if x.dim() < 2 else (lambda t: t.reshape(t.shape[0], t.shape[1], -1))
     xs, bases = rows(x), rows(base)
@@ -703,9 +708,9 @@ def merge_task_vectors(models: Sequence[Tensor], base: Tensor, *, weight: Sequen
     for i, x in enumerate(models):
         if keep is None or density[i] >= 1:
             if keep is not None:
-                more = " (above 1 it means the same)" if density[i] > 1 else ""
-                warnings.warn(MethodWarning("density", f"density {density[i]:g} keeps every element{more}, "
-                                                       f"so nothing is pruned{pruning}"))
+                same = " (mergekit reads values above 1 as 1)" if density[i] > 1 else ""
+                warnings.warn(MethodWarning("density", f"density {density[i]:g}{same} keeps every element: "
+                                                       f"nothing is pruned{pruning}"))
             kept.append(None)
             scales.append(None)
             continue
@@ -746,19 +751,19 @@ def tv_weight():
                  help="scale of each model's task vector (model - base); negative subtracts it")
 
 
-def tv_params(normalize: bool, rescale: bool, *extra: Param, density: str = "fraction of each task vector kept",
-              prunes: bool = True) -> list[Param]:
+def tv_params(normalize: bool, rescale: bool, *extra: Param, prunes: bool = True) -> list[Param]:
     """The parameters mergekit's generalized task arithmetic takes, with this method's defaults."""
+    no_effect = "accepted for mergekit recipes; no effect"
     return [
         tv_weight(),
         Param("density", default=1.0, per_model=True, low=0.0,
-              help=density + ("" if prunes else " (accepted for mergekit recipes; no effect)")),
+              help="fraction of each task vector kept (1 keeps all)" if prunes else no_effect),
         *extra,
         Param("lambda_", default=1.0, help="scale of the merged task vector"),
         Param("normalize", default=normalize, kind=bool,
               help="divide by the sum of the weights (TIES variants: of the models that agree with the elected sign)"),
         Param("rescale", default=rescale, kind=bool,
-              help="scale each pruned task vector back to its L1 norm" + ("" if prunes else " (no effect)")),
+              help="scale each pruned task vector back to its L1 norm" if prunes else no_effect),
         Param("int8_mask", default=False, kind=bool, help="accepted for mergekit recipes; masks always take one byte"),
     ]
 
@@ -790,7 +795,7 @@ TASK_VECTOR = dict(base=REQUIRED, min_models=1, compute=PROMOTED, output=PROMOTE
     summary="Base plus the weighted sum of the task vectors (model - base), scaled by lambda.",
     paper="Editing models with task arithmetic, arXiv 2212.04089 (mergekit 'task_arithmetic')",
     when="Add (or, with a negative weight, subtract) fine-tunes' changes to a base.",
-    params=tv_params(False, False, density="pruning", prunes=False),
+    params=tv_params(False, False, prunes=False),
     **TASK_VECTOR,
     properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
 )
