@@ -506,6 +506,12 @@ ROW = 1024  # row length of the deterministic float64 sums
 RADIX_FROM = 1 << 16
 
 
+def as_factor(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0/1 in `dtype`. Multiplying by it gives the bits of multiplying by the bool mask (as
+    mergekit does) through torch's fast same-dtype path; mixed-dtype operations take a slow one."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 def sum64(t: Tensor, mask: Tensor | None = None) -> float:
     """Σ t (over `mask`) in float64, with the same bits whatever the thread count.
 
@@ -516,7 +522,7 @@ def sum64(t: Tensor, mask: Tensor | None = None) -> float:
     keep = None if mask is None else mask.reshape(-1)
     total = 0.0
     for start, stop in chunk_ranges(flat.numel()):
-        part = flat[start:stop] if keep is None else flat[start:stop] * keep[start:stop]
+        part = flat[start:stop] if keep is None else flat[start:stop] * as_factor(keep[start:stop], flat.dtype)
         whole = part.numel() // ROW * ROW
         rows = part[:whole].view(-1, ROW).sum(dim=1, dtype=torch.float64).sum()
         total += float(rows + part[whole:].sum(dtype=torch.float64))
@@ -640,6 +646,28 @@ def dare_mask(x: Tensor, density: float, generator: torch.Generator) -> Tensor:
     return mask.view(x.shape)
 
 
+def stable_ranks(magnitudes: Tensor) -> Tensor:
+    """Each element's 0-based rank along dim 1 of [A, n, R] by value, equal values in index order.
+
+    The line an element belongs to and its value, packed into one integer, sort as (line, value); torch
+    sorts a flat integer tensor with a stable radix sort, 3-6x faster than its sort along a dimension."""
+    lines, length, rest = magnitudes.shape
+    value_bits = magnitudes.element_size() * 8 - 1  # non-negative: the sign bit is always 0
+    line_bits = max(1, (lines * rest - 1).bit_length())
+    device = magnitudes.device
+    if value_bits + line_bits > 63:
+        order = magnitudes.sort(dim=1, stable=True).indices
+        return torch.empty_like(order).scatter_(
+            1, order, torch.arange(length, device=device).view(1, -1, 1).expand_as(order).contiguous())
+    packed_type = torch.int32 if value_bits + line_bits <= 31 else torch.int64
+    values = magnitudes.view({2: torch.int16, 4: torch.int32}[magnitudes.element_size()]).to(packed_type)
+    line = torch.arange(lines * rest, dtype=packed_type, device=device).view(lines, 1, rest)
+    order = ((line << value_bits) | values).view(-1).sort(stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=device) % length
+    return ranks.view(magnitudes.shape)
+
+
 def della_mask(x: Tensor, base: Tensor, density: float, epsilon: float, tie_break: str,
                generator: torch.Generator) -> Tensor:
     """DELLA's MagPrune: along dim 1 (a 1-D tensor is one row), the entry of rank r (1 = smallest |δ|)
@@ -653,12 +681,7 @@ def della_mask(x: Tensor, base: Tensor, density: float, epsilon: float, tie_brea
     step = max(1, CHUNK // max(1, length * xs.shape[2]))
     for start in range(0, xs.shape[0], step):
         magnitudes = torch.sub(xs[start:start + step], bases[start:start + step]).abs_()
-        if tie_break == MERGEKIT:
-            ranks = magnitudes.argsort(dim=1).argsort(dim=1)
-        else:
-            order = magnitudes.sort(dim=1, stable=True).indices
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=x.device)
-                                                     .view(1, -1, 1).expand_as(order).contiguous())
+        ranks = magnitudes.argsort(dim=1).argsort(dim=1) if tie_break == MERGEKIT else stable_ranks(magnitudes)
         # mergekit's arithmetic in float32; a row of one element (a crash there) takes the middle rank
         rank_norm = (ranks.float() / (length - 1)).clamp(0, 1) if length > 1 else torch.full(ranks.shape, 0.5)
         probabilities = (density - epsilon) + rank_norm * 2 * epsilon
@@ -674,7 +697,7 @@ def l1_scale(x: Tensor, base: Tensor, kept: Tensor) -> Tensor | None:
     for start, stop in chunk_ranges(x.numel()):
         magnitudes = torch.sub(x.reshape(-1)[start:stop], base.reshape(-1)[start:stop]).abs_()
         before += sum64(magnitudes)
-        after += sum64(magnitudes, kept.reshape(-1)[start:stop])
+        after += sum64(magnitudes, kept[start:stop])
     before_t, after_t = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (before, after))
     if before_t < 1e-7 or after_t < 1e-7:
         return None
@@ -690,10 +713,10 @@ def stacked_deltas(flats: Sequence[Tensor], flat_base: Tensor, start: int, stop:
 
 
 def elected(deltas: Tensor) -> Tensor:
-    """TIES sign election over stacked deltas [N, c]: the sign of the sum is the majority (0 counts as
-    +), and an entry is kept when its own sign is that majority, so zeros are never kept."""
-    positive = deltas.sum(dim=0) >= 0
-    return torch.where(positive, deltas > 0, deltas < 0)
+    """TIES sign election over stacked deltas [N, c], as 0/1 in their dtype: the sign of the sum is the
+    majority (0 counts as +), and an entry takes part when its own sign is that majority (never a zero)."""
+    majority = as_factor(deltas.sum(dim=0) >= 0, deltas.dtype) * 2 - 1
+    return as_factor(deltas.sign() == majority, deltas.dtype)
 
 
 def merge_task_vectors(models: Sequence[Tensor], base: Tensor, *, weight: Sequence[float],
@@ -714,7 +737,7 @@ def merge_task_vectors(models: Sequence[Tensor], base: Tensor, *, weight: Sequen
             kept.append(None)
             scales.append(None)
             continue
-        mask = keep(i, x)
+        mask = keep(i, x).reshape(-1)
         kept.append(mask)
         scales.append(l1_scale(x, base, mask) if rescale else None)
     weights = torch.tensor(list(weight), dtype=base.dtype, device=base.device).view(-1, 1)
@@ -727,15 +750,15 @@ def merge_task_vectors(models: Sequence[Tensor], base: Tensor, *, weight: Sequen
         deltas = stacked_deltas(flats, flat_base, start, stop)
         for i in range(len(flats)):
             if kept[i] is not None:
-                deltas[i].mul_(kept[i].reshape(-1)[start:stop])
+                deltas[i].mul_(as_factor(kept[i][start:stop], deltas.dtype))
             if scales[i] is not None:
                 deltas[i].mul_(scales[i])
         deltas.mul_(weights)
         if consensus:
             agree = elected(deltas)
-            mixed = (deltas * agree).sum(dim=0)
+            mixed = deltas.mul_(agree).sum(dim=0)
             divisor = (weights * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = deltas.sum(dim=0)
         if normalize:
@@ -947,11 +970,23 @@ def breadcrumbs_ties(models: Sequence[Tensor], *, base: Tensor, weight: Sequence
                               keep=lambda i, x: outlier_mask(x, base, density[i], gamma[i], tie_break))
 
 
+def population_variance(rows: Tensor) -> Tensor:
+    """torch.var(rows, dim=0, unbiased=False), bit for bit: torch's own Welford updates in float64, one
+    row at a time, written out because torch's reduction over the leading axis is ~30x slower."""
+    mean = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    m2 = torch.zeros_like(mean)
+    for count, row in enumerate(rows.to(torch.float64), start=1):
+        delta = row - mean
+        mean += delta / count
+        m2 += delta * (row - mean)
+    return (m2 / rows.shape[0]).to(rows.dtype)
+
+
 def variance_selection(flats: Sequence[Tensor], flat_base: Tensor, fraction: float, tie_break: str) -> Tensor:
     """SCE's select step: the ⌊nonzero·fraction⌋ elements whose task vectors vary most across models."""
     variance = torch.empty_like(flat_base)
     for start, stop in chunk_ranges(variance.numel()):
-        torch.var(stacked_deltas(flats, flat_base, start, stop), dim=0, unbiased=False, out=variance[start:stop])
+        variance[start:stop] = population_variance(stacked_deltas(flats, flat_base, start, stop))
     count = int(int(torch.count_nonzero(variance)) * fraction)
     keys = variance.abs_()
     if tie_break == MERGEKIT and count > 0:
@@ -990,7 +1025,7 @@ def sce(models: Sequence[Tensor], *, base: Tensor, select_topk: float, int8_mask
     for start, stop in chunk_ranges(total):
         deltas = stacked_deltas(flats, flat_base, start, stop)
         if selected is not None:
-            deltas.mul_(selected[start:stop])
+            deltas.mul_(as_factor(selected[start:stop], deltas.dtype))
         for i, row in enumerate(deltas.square_()):
             squares[i] += sum64(row)
     means = torch.tensor([s / total for s in squares], dtype=torch.float64).to(base.dtype)
@@ -1000,7 +1035,7 @@ def sce(models: Sequence[Tensor], *, base: Tensor, select_topk: float, int8_mask
     for start, stop in chunk_ranges(total):
         deltas = stacked_deltas(flats, flat_base, start, stop)
         if selected is not None:
-            deltas.mul_(selected[start:stop])
+            deltas.mul_(as_factor(selected[start:stop], deltas.dtype))
         erased = shares * elected(deltas)  # Erase: only the entries that agree with the elected sign count
         merged = (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
         torch.add(flat_base[start:stop], merged, out=out[start:stop])
@@ -1009,10 +1044,10 @@ def sce(models: Sequence[Tensor], *, base: Tensor, select_topk: float, int8_mask
 
 def ram_masks(deltas: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Which entries changed (|τ| > ε), how many models changed each element, and where that is one
-    model (unique) or several (overlap)."""
-    active = deltas.abs() > epsilon
-    counts = active.sum(dim=0, keepdim=True)
-    return active, counts, counts == 1, counts > 1
+    model (unique) or several (overlap); all as numbers in the deltas' dtype."""
+    active = as_factor(deltas.abs() > epsilon, deltas.dtype)
+    counts = active.sum(dim=0, keepdim=True)  # exact: at most 100 models
+    return active, counts, as_factor(counts == 1, deltas.dtype), as_factor(counts > 1, deltas.dtype)
 
 
 @method(
@@ -1048,12 +1083,13 @@ def ram(models: Sequence[Tensor], *, base: Tensor, epsilon: float) -> Tensor:
 def ramplus_tl(models: Sequence[Tensor], *, base: Tensor, r: float, alpha: float, epsilon: float) -> Tensor:
     flats = [x.reshape(-1) for x in models]
     flat_base = base.reshape(-1)
-    shared = torch.zeros(len(flats), dtype=torch.int64, device=base.device)
+    shared = torch.zeros(len(flats), dtype=torch.float64, device=base.device)
     unique_counts = torch.zeros_like(shared)
     for start, stop in chunk_ranges(flat_base.numel()):
         active, _, unique, overlap = ram_masks(stacked_deltas(flats, flat_base, start, stop), epsilon)
-        shared += (active & overlap).sum(dim=1)
-        unique_counts += (active & unique).sum(dim=1)
+        shared += (active * overlap).sum(dim=1, dtype=torch.float64)
+        unique_counts += (active * unique).sum(dim=1, dtype=torch.float64)
+    shared, unique_counts = shared.to(torch.int64), unique_counts.to(torch.int64)
     # mergekit's expression: the ratio and the factor are float32 tensors, which promote half inputs
     ratio = shared / unique_counts.clamp(min=epsilon)
     factor = (1 + r * ratio.clamp(min=0, max=alpha)).unsqueeze(-1)
