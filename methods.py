@@ -719,10 +719,9 @@ def elected(deltas: Tensor) -> Tensor:
     return as_factor(deltas.sign() == majority, deltas.dtype)
 
 
-def merge_task_vectors(models: Sequence[Tensor], base: Tensor, *, weight: Sequence[float],
-                       density: Sequence[float], lambda_: float, normalize: bool, rescale: bool,
-                       consensus: bool, keep: Callable[[int, Tensor], Tensor] | None,
-                       pruning: str = "") -> Tensor:
+def merge_task_vectors(models: Sequence[Tensor], base: Tensor, weight: Sequence[float], density: Sequence[float],
+                       lambda_: float, normalize: bool, rescale: bool, *, consensus: bool,
+                       keep: Callable[[int, Tensor], Tensor] | None, pruning: str = "") -> Tensor:
     """mergekit's generalized task arithmetic: prune each task vector (`keep(i, x)` gives model i's
     surviving elements; None prunes nothing), optionally rescale it to its L1 norm, weight it, elect
     signs (consensus), sum, divide by the weights that took part (normalize), scale by lambda."""
@@ -811,6 +810,12 @@ def epsilon_band(params: dict) -> list[tuple[str, str]]:
 
 
 TASK_VECTOR = dict(base=REQUIRED, min_models=1, compute=PROMOTED, output=PROMOTED)
+TRIMMED_TASK_VECTOR = dict(TASK_VECTOR, scope=WHOLE, properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS])
+# random draws follow the model order, so permuting the models changes the masks
+RANDOM_TASK_VECTOR = dict(TASK_VECTOR, scope=WHOLE, random=True, properties=[IDENTITY, HOMOGENEOUS])
+DARE_PAPER = "DARE (Language models are Super Mario), arXiv 2311.03099"
+DELLA_PAPER = "DELLA-Merging, arXiv 2406.11617"
+BREADCRUMBS_PAPER = "Model Breadcrumbs, arXiv 2312.06795"
 
 
 @method(
@@ -826,148 +831,115 @@ def task_arithmetic(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[
                     lambda_: float, normalize: bool, rescale: bool, int8_mask: bool) -> Tensor:
     if any(d != 1 for d in density) or rescale:
         warnings.warn(MethodWarning("unused", "task_arithmetic prunes nothing: density and rescale have no effect"))
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=False, consensus=False, keep=None)
-
-
-TIES_PAPER = "TIES-Merging, arXiv 2306.01708"
-DARE_PAPER = "DARE (Language models are Super Mario), arXiv 2311.03099"
-DELLA_PAPER = "DELLA-Merging, arXiv 2406.11617"
-BREADCRUMBS_PAPER = "Model Breadcrumbs, arXiv 2312.06795"
+    return merge_task_vectors(models, base, weight, density, lambda_, normalize, False, consensus=False, keep=None)
 
 
 @method(
     name="ties",
     summary="Trim each task vector to its largest entries, elect a sign per element, average the agreeing ones.",
-    paper=f"{TIES_PAPER} (mergekit 'ties')",
+    paper="TIES-Merging, arXiv 2306.01708 (mergekit 'ties')",
     when="Merge several fine-tunes of one base while limiting their interference.",
     params=[*tv_params(True, False), TIE_BREAK],
-    scope=WHOLE,
-    **TASK_VECTOR,
-    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
+    **TRIMMED_TASK_VECTOR,
 )
 def ties(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
          lambda_: float, normalize: bool, rescale: bool, int8_mask: bool, tie_break: str) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=True,
+    return merge_task_vectors(models, base, weight, density, lambda_, normalize, rescale, consensus=True,
                               keep=lambda i, x: magnitude_mask(x, base, density[i], tie_break))
 
 
-@method(
+def dare_merge(consensus: bool) -> Callable[..., Tensor]:
+    """DARE's pruning, followed by TIES's sign election or not."""
+
+    def merge(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
+              lambda_: float, normalize: bool, rescale: bool, int8_mask: bool, generator: torch.Generator) -> Tensor:
+        return merge_task_vectors(models, base, weight, density, lambda_, normalize, rescale, consensus=consensus,
+                                  keep=lambda i, x: dare_mask(x, density[i], generator))
+
+    return merge
+
+
+def della_merge(consensus: bool) -> Callable[..., Tensor]:
+    """DELLA's pruning, followed by TIES's sign election or not."""
+
+    def merge(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
+              epsilon: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
+              tie_break: str, generator: torch.Generator) -> Tensor:
+        return merge_task_vectors(
+            models, base, weight, density, lambda_, normalize, rescale, consensus=consensus,
+            keep=lambda i, x: della_mask(x, base, density[i], epsilon[i], tie_break, generator))
+
+    return merge
+
+
+def breadcrumbs_merge(consensus: bool) -> Callable[..., Tensor]:
+    """Breadcrumbs' two-sided trimming, followed by TIES's sign election or not."""
+
+    def merge(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
+              gamma: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
+              tie_break: str) -> Tensor:
+        return merge_task_vectors(models, base, weight, density, lambda_, normalize, rescale, consensus=consensus,
+                                  pruning=" and no outliers are removed, whatever gamma is",
+                                  keep=lambda i, x: outlier_mask(x, base, density[i], gamma[i], tie_break))
+
+    return merge
+
+
+dare_linear = method(
     name="dare_linear",
     summary="Drop task-vector entries at random (keep each with probability density), rescale, add up.",
     paper=f"{DARE_PAPER} (mergekit 'dare_linear')",
     when="Combine fine-tunes with sparse random pruning and no sign election.",
     params=tv_params(False, True),
-    scope=WHOLE,
-    random=True,
-    **TASK_VECTOR,
-    properties=[IDENTITY, HOMOGENEOUS],
-)
-def dare_linear(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-                lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
-                generator: torch.Generator) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=False,
-                              keep=lambda i, x: dare_mask(x, density[i], generator))
+    **RANDOM_TASK_VECTOR,
+)(dare_merge(consensus=False))
 
-
-@method(
+dare_ties = method(
     name="dare_ties",
     summary="DARE's random pruning and rescaling, then TIES's sign election.",
     paper=f"{DARE_PAPER} (mergekit 'dare_ties')",
     when="The usual choice for merging several LLM fine-tunes of one base.",
     params=tv_params(False, True),
-    scope=WHOLE,
-    random=True,
-    **TASK_VECTOR,
-    properties=[IDENTITY, HOMOGENEOUS],
-)
-def dare_ties(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-              lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
-              generator: torch.Generator) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=True,
-                              keep=lambda i, x: dare_mask(x, density[i], generator))
+    **RANDOM_TASK_VECTOR,
+)(dare_merge(consensus=True))
 
-
-@method(
+della = method(
     name="della",
     summary="Prune at random with keep probabilities that grow with each entry's magnitude rank, then elect signs.",
     paper=f"{DELLA_PAPER} (mergekit 'della')",
     when="Like dare_ties, but large changes are likelier to survive.",
     params=[*tv_params(True, True, EPSILON), TIE_BREAK],
     check=epsilon_band,
-    scope=WHOLE,
-    random=True,
-    **TASK_VECTOR,
-    properties=[IDENTITY, HOMOGENEOUS],
-)
-def della(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-          epsilon: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool, tie_break: str,
-          generator: torch.Generator) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=True,
-                              keep=lambda i, x: della_mask(x, base, density[i], epsilon[i], tie_break, generator))
+    **RANDOM_TASK_VECTOR,
+)(della_merge(consensus=True))
 
-
-@method(
+della_linear = method(
     name="della_linear",
     summary="DELLA's magnitude-ranked random pruning, without sign election.",
     paper=f"{DELLA_PAPER} (mergekit 'della_linear')",
     when="Like dare_linear, but large changes are likelier to survive.",
     params=[*tv_params(False, True, EPSILON), TIE_BREAK],
     check=epsilon_band,
-    scope=WHOLE,
-    random=True,
-    **TASK_VECTOR,
-    properties=[IDENTITY, HOMOGENEOUS],
-)
-def della_linear(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-                 epsilon: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
-                 tie_break: str, generator: torch.Generator) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=False,
-                              keep=lambda i, x: della_mask(x, base, density[i], epsilon[i], tie_break, generator))
+    **RANDOM_TASK_VECTOR,
+)(della_merge(consensus=False))
 
-
-NO_OUTLIERS = " and no outliers are removed, whatever gamma is"
-
-
-@method(
+breadcrumbs = method(
     name="breadcrumbs",
     summary="Drop both the largest (outliers, gamma) and the smallest task-vector entries, then add up.",
     paper=f"{BREADCRUMBS_PAPER} (mergekit 'breadcrumbs')",
     when="Merge fine-tunes while discarding both noise and outlier changes.",
     params=[*tv_params(False, False, GAMMA), TIE_BREAK],
-    scope=WHOLE,
-    **TASK_VECTOR,
-    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
-)
-def breadcrumbs(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-                gamma: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
-                tie_break: str) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=False, pruning=NO_OUTLIERS,
-                              keep=lambda i, x: outlier_mask(x, base, density[i], gamma[i], tie_break))
+    **TRIMMED_TASK_VECTOR,
+)(breadcrumbs_merge(consensus=False))
 
-
-@method(
+breadcrumbs_ties = method(
     name="breadcrumbs_ties",
     summary="Breadcrumbs' two-sided trimming, then TIES's sign election.",
     paper=f"{BREADCRUMBS_PAPER} (mergekit 'breadcrumbs_ties')",
     when="Breadcrumbs for fine-tunes whose changes conflict in sign.",
     params=[*tv_params(False, False, GAMMA), TIE_BREAK],
-    scope=WHOLE,
-    **TASK_VECTOR,
-    properties=[IDENTITY, ORDER_FREE, HOMOGENEOUS],
-)
-def breadcrumbs_ties(models: Sequence[Tensor], *, base: Tensor, weight: Sequence[float], density: Sequence[float],
-                     gamma: Sequence[float], lambda_: float, normalize: bool, rescale: bool, int8_mask: bool,
-                     tie_break: str) -> Tensor:
-    return merge_task_vectors(models, base, weight=weight, density=density, lambda_=lambda_, normalize=normalize,
-                              rescale=rescale, consensus=True, pruning=NO_OUTLIERS,
-                              keep=lambda i, x: outlier_mask(x, base, density[i], gamma[i], tie_break))
+    **TRIMMED_TASK_VECTOR,
+)(breadcrumbs_merge(consensus=True))
 
 
 def population_variance(rows: Tensor) -> Tensor:
