@@ -180,8 +180,12 @@ def build_parser() -> Parser:
     group = parser.add_argument_group("method parameters (each used only by the methods named)")
     for flag, users in param_flags().items():
         p = users[0][1]
-        helps = "; ".join(f"{m.name}: {q.help} (default {q.default_text}"
-                          + (f", {q.range_text()}" if q.range_text() else "") + ")" for m, q in users)
+        # methods that share a flag's meaning are named together, so the task-vector family reads once
+        meanings: dict[str, list[str]] = defaultdict(list)
+        for m, q in users:
+            meanings[f"{q.help} (default {q.default_text}" + (f", {q.range_text()}" if q.range_text() else "")
+                     + ")"].append(m.name)
+        helps = "; ".join(f"{', '.join(names)}: {meaning}" for meaning, names in meanings.items())
         names = [flag, *p.aliases]
         if p.kind is bool:
             group.add_argument(*names, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=helps)

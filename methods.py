@@ -773,6 +773,10 @@ def tv_weight():
                  help="scale of each model's task vector (model - base); negative subtracts it")
 
 
+# mergekit stores its masks in int8 with it; ours always take one byte, so it changes nothing
+INT8_MASK = Param("int8_mask", default=False, kind=bool, help="accepted for mergekit recipes; no effect")
+
+
 def tv_params(normalize: bool, rescale: bool, *extra: Param, prunes: bool = True) -> list[Param]:
     """The parameters mergekit's generalized task arithmetic takes, with this method's defaults."""
     no_effect = "accepted for mergekit recipes; no effect"
@@ -786,7 +790,7 @@ def tv_params(normalize: bool, rescale: bool, *extra: Param, prunes: bool = True
               help="divide by the sum of the weights (TIES variants: of the models that agree with the elected sign)"),
         Param("rescale", default=rescale, kind=bool,
               help="scale each pruned task vector back to its L1 norm" if prunes else no_effect),
-        Param("int8_mask", default=False, kind=bool, help="accepted for mergekit recipes; masks always take one byte"),
+        INT8_MASK,
     ]
 
 
@@ -974,7 +978,7 @@ def variance_selection(flats: Sequence[Tensor], flat_base: Tensor, fraction: flo
     when="Merge fine-tunes without choosing weights: they come from the data.",
     params=[Param("select_topk", default=1.0, low=0.0,
                   help="fraction of the non-zero-variance elements kept (1 keeps all)"),
-            Param("int8_mask", default=False, kind=bool, help="accepted for mergekit recipes; no effect"),
+            INT8_MASK,
             TIE_BREAK],
     scope=WHOLE,
     base=REQUIRED, compute=PROMOTED, output=PROMOTED,
