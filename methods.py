@@ -646,26 +646,35 @@ def dare_mask(x: Tensor, density: float, generator: torch.Generator) -> Tensor:
     return mask.view(x.shape)
 
 
-def stable_ranks(magnitudes: Tensor) -> Tensor:
-    """Each element's 0-based rank along dim 1 of [A, n, R] by value, equal values in index order.
+def rank_table(length: int, density: float, epsilon: float) -> Tensor:
+    """The keep probability of each rank 0 … length - 1 of a row, in mergekit's float32 arithmetic (a row
+    of one element, a crash there, takes the middle rank)."""
+    rank_norm = (torch.arange(length, dtype=torch.float32) / (length - 1)).clamp(0, 1) if length > 1 else \
+        torch.full((1,), 0.5)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
-    The line an element belongs to and its value, packed into one integer, sort as (line, value); torch
-    sorts a flat integer tensor with a stable radix sort, 3-6x faster than its sort along a dimension."""
+
+def rank_probabilities(magnitudes: Tensor, table: Tensor, tie_break: str) -> Tensor:
+    """table[rank] for each element of [A, n, R], ranked along dim 1 by value, equal values in index
+    order (tie_break 'mergekit': ranked by mergekit's double argsort).
+
+    The line an element belongs to and its value, packed into one integer, sort as (line, value): torch
+    sorts a flat integer tensor with a stable radix sort, 3-6x faster than its sort along a dimension,
+    and sorted position p holds rank p mod n, so the table, tiled, is scattered back in one pass."""
+    if tie_break == MERGEKIT:
+        return table[magnitudes.argsort(dim=1).argsort(dim=1)]
     lines, length, rest = magnitudes.shape
     value_bits = magnitudes.element_size() * 8 - 1  # non-negative: the sign bit is always 0
     line_bits = max(1, (lines * rest - 1).bit_length())
-    device = magnitudes.device
-    if value_bits + line_bits > 63:
+    if value_bits + line_bits > 63:  # float64 values: torch's stable sort along the dimension
         order = magnitudes.sort(dim=1, stable=True).indices
-        return torch.empty_like(order).scatter_(
-            1, order, torch.arange(length, device=device).view(1, -1, 1).expand_as(order).contiguous())
+        return table.new_empty(magnitudes.shape).scatter_(1, order, table.view(1, -1, 1).expand(magnitudes.shape))
     packed_type = torch.int32 if value_bits + line_bits <= 31 else torch.int64
     values = magnitudes.view({2: torch.int16, 4: torch.int32}[magnitudes.element_size()]).to(packed_type)
-    line = torch.arange(lines * rest, dtype=packed_type, device=device).view(lines, 1, rest)
+    line = torch.arange(lines * rest, dtype=packed_type, device=magnitudes.device).view(lines, 1, rest)
     order = ((line << value_bits) | values).view(-1).sort(stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=device) % length
-    return ranks.view(magnitudes.shape)
+    tiled = table.repeat(lines * rest)
+    return torch.empty_like(tiled).scatter_(0, order, tiled).view(magnitudes.shape)
 
 
 def della_mask(x: Tensor, base: Tensor, density: float, epsilon: float, tie_break: str,
@@ -677,15 +686,12 @@ def della_mask(x: Tensor, base: Tensor, density: float, epsilon: float, tie_brea
     rows = (lambda t: t.reshape(1, -1, 1)) if x.dim() < 2 else (lambda t: t.reshape(t.shape[0], t.shape[1], -1))
     xs, bases = rows(x), rows(base)
     mask = torch.empty(xs.shape, dtype=torch.bool, device=x.device)
-    length = xs.shape[1]
-    step = max(1, CHUNK // max(1, length * xs.shape[2]))
+    table = rank_table(xs.shape[1], density, epsilon).to(x.device)
+    step = max(1, CHUNK // max(1, xs.shape[1] * xs.shape[2]))
     for start in range(0, xs.shape[0], step):
         magnitudes = torch.sub(xs[start:start + step], bases[start:start + step]).abs_()
-        ranks = magnitudes.argsort(dim=1).argsort(dim=1) if tie_break == MERGEKIT else stable_ranks(magnitudes)
-        # mergekit's arithmetic in float32; a row of one element (a crash there) takes the middle rank
-        rank_norm = (ranks.float() / (length - 1)).clamp(0, 1) if length > 1 else torch.full(ranks.shape, 0.5)
-        probabilities = (density - epsilon) + rank_norm * 2 * epsilon
-        torch.lt(uniform_draws(ranks.shape, generator, x.device), probabilities.to(x.device),
+        probabilities = rank_probabilities(magnitudes, table, tie_break)
+        torch.lt(uniform_draws(probabilities.shape, generator, x.device), probabilities,
                  out=mask[start:start + step])
     return mask.view(x.shape)
 
@@ -1018,12 +1024,11 @@ def sce(models: Sequence[Tensor], *, base: Tensor, select_topk: float, int8_mask
     return out.view(base.shape)
 
 
-def ram_masks(deltas: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Which entries changed (|τ| > ε), how many models changed each element, and where that is one
-    model (unique) or several (overlap); all as numbers in the deltas' dtype."""
+def ram_masks(deltas: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """Which entries changed (|τ| > ε), as 0/1 in the deltas' dtype, and how many models changed each
+    element (exact in any dtype: at most 100 models)."""
     active = as_factor(deltas.abs() > epsilon, deltas.dtype)
-    counts = active.sum(dim=0, keepdim=True)  # exact: at most 100 models
-    return active, counts, as_factor(counts == 1, deltas.dtype), as_factor(counts > 1, deltas.dtype)
+    return active, active.sum(dim=0, keepdim=True)
 
 
 @method(
@@ -1038,9 +1043,10 @@ def ram_masks(deltas: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, T
 def ram(models: Sequence[Tensor], *, base: Tensor, epsilon: float) -> Tensor:
     flats = [x.reshape(-1) for x in models]
     deltas = stacked_deltas(flats, base.reshape(-1), 0, base.numel())
-    active, counts, unique, overlap = ram_masks(deltas, epsilon)
-    changed = deltas * active
-    merged = (changed * unique + changed * overlap / counts.clamp(min=1)).sum(dim=0)
+    active, counts = ram_masks(deltas, epsilon)
+    # mergekit adds z·[c = 1] + z·[c > 1] / max(c, 1) for z = τ·active: one term is z or z / c and the
+    # other a zero of z's sign, so each sum is exactly z / max(c, 1), with the same bits and half the work
+    merged = (deltas.mul_(active) / counts.clamp(min=1)).sum(dim=0)
     return base + merged.view(base.shape)
 
 
@@ -1062,9 +1068,9 @@ def ramplus_tl(models: Sequence[Tensor], *, base: Tensor, r: float, alpha: float
     shared = torch.zeros(len(flats), dtype=torch.float64, device=base.device)
     unique_counts = torch.zeros_like(shared)
     for start, stop in chunk_ranges(flat_base.numel()):
-        active, _, unique, overlap = ram_masks(stacked_deltas(flats, flat_base, start, stop), epsilon)
-        shared += (active * overlap).sum(dim=1, dtype=torch.float64)
-        unique_counts += (active * unique).sum(dim=1, dtype=torch.float64)
+        active, counts = ram_masks(stacked_deltas(flats, flat_base, start, stop), epsilon)
+        shared += (active * as_factor(counts > 1, active.dtype)).sum(dim=1, dtype=torch.float64)
+        unique_counts += (active * as_factor(counts == 1, active.dtype)).sum(dim=1, dtype=torch.float64)
     shared, unique_counts = shared.to(torch.int64), unique_counts.to(torch.int64)
     # mergekit's expression: the ratio and the factor are float32 tensors, which promote half inputs
     ratio = shared / unique_counts.clamp(min=epsilon)
@@ -1072,8 +1078,9 @@ def ramplus_tl(models: Sequence[Tensor], *, base: Tensor, r: float, alpha: float
     out = torch.empty(flat_base.shape, dtype=torch.promote_types(base.dtype, factor.dtype), device=base.device)
     for start, stop in chunk_ranges(flat_base.numel()):
         deltas = stacked_deltas(flats, flat_base, start, stop)
-        active, counts, unique, overlap = ram_masks(deltas, epsilon)
-        changed = deltas * active
-        merged = (changed * unique * factor + changed * overlap / counts.clamp(min=1)).sum(dim=0)
+        active, counts = ram_masks(deltas, epsilon)
+        changed = deltas.mul_(active)
+        # as in ram, of mergekit's two terms z·[c = 1]·λ and z·[c > 1] / max(c, 1) one is a signed zero
+        merged = torch.where(counts == 1, changed * factor, changed / counts.clamp(min=1)).sum(dim=0)
         torch.add(flat_base[start:stop], merged, out=out[start:stop])
     return out.view(base.shape)

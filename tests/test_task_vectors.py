@@ -277,9 +277,14 @@ def test_tie_break_mergekit_makes_mergekits_sort_calls():
     assert not torch.equal(methods.magnitude_mask(model, base.bfloat16(), 0.25, "stable"), expected)
 
 
-def test_della_ranks_are_stable_along_dim_1():
-    magnitudes = torch.tensor([[3.0, 1.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]]).view(2, 4, 1)
-    assert methods.stable_ranks(magnitudes).view(2, 4).tolist() == [[2, 1, 3, 0], [0, 1, 2, 3]]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_della_ranks_run_along_dim_1_equal_values_in_index_order(dtype):
+    magnitudes = torch.tensor([[3.0, 1.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=dtype).view(2, 4, 1)
+    ranks = methods.rank_probabilities(magnitudes, torch.arange(4.0), "stable")
+    assert ranks.view(2, 4).tolist() == [[2, 1, 3, 0], [0, 1, 2, 3]]
+    # along dim 1 of a 3-D tensor: each (row, column) pair is a line of its own
+    cube = torch.tensor([[[5.0, 0.0], [1.0, 0.0], [3.0, 0.0]]], dtype=dtype)
+    assert methods.rank_probabilities(cube, torch.arange(3.0), "stable").tolist() == [[[2, 0], [0, 1], [1, 2]]]
 
 
 # ---------------------------------------------------------------------------------------------------
