@@ -762,7 +762,7 @@ def merge_task_vectors(models: Sequence[Tensor], base: Tensor, weight: Sequence[
         if consensus:
             agree = elected(deltas)
             mixed = deltas.mul_(agree).sum(dim=0)
-            divisor = (weights * agree).sum(dim=0)
+            divisor = agree.mul_(weights).sum(dim=0)
             divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = deltas.sum(dim=0)
@@ -774,28 +774,24 @@ def merge_task_vectors(models: Sequence[Tensor], base: Tensor, weight: Sequence[
     return out.view(base.shape)
 
 
-def tv_weight():
-    return Param("weight", default=1.0, per_model=True, flag="--weights", aliases=("--alphas",),
-                 help="scale of each model's task vector (model - base); negative subtracts it")
-
-
+NO_EFFECT = "accepted for mergekit recipes; no effect"
 # mergekit stores its masks in int8 with it; ours always take one byte, so it changes nothing
-INT8_MASK = Param("int8_mask", default=False, kind=bool, help="accepted for mergekit recipes; no effect")
+INT8_MASK = Param("int8_mask", default=False, kind=bool, help=NO_EFFECT)
 
 
 def tv_params(normalize: bool, rescale: bool, *extra: Param, prunes: bool = True) -> list[Param]:
     """The parameters mergekit's generalized task arithmetic takes, with this method's defaults."""
-    no_effect = "accepted for mergekit recipes; no effect"
     return [
-        tv_weight(),
+        Param("weight", default=1.0, per_model=True, flag="--weights", aliases=("--alphas",),
+              help="scale of each model's task vector (model - base); negative subtracts it"),
         Param("density", default=1.0, per_model=True, low=0.0,
-              help="fraction of each task vector kept (1 keeps all)" if prunes else no_effect),
+              help="fraction of each task vector kept (1 keeps all)" if prunes else NO_EFFECT),
         *extra,
         Param("lambda_", default=1.0, help="scale of the merged task vector"),
         Param("normalize", default=normalize, kind=bool,
               help="divide by the sum of the weights (TIES variants: of the models that agree with the elected sign)"),
         Param("rescale", default=rescale, kind=bool,
-              help="scale each pruned task vector back to its L1 norm" if prunes else no_effect),
+              help="scale each pruned task vector back to its L1 norm" if prunes else NO_EFFECT),
         INT8_MASK,
     ]
 
