@@ -2322,12 +2322,17 @@ def _return_freed_buffers_to_the_os() -> None:
 
     Tensor-sized buffers then get mappings of their own, which go back to the OS when freed, so resident
     memory follows the tensors alive (measured: 1.16 GB -> 0.89 GB peak for karcher on a 3 x 1 GB job).
-    Chunk temporaries stay below it and keep reusing heap memory.
+    Chunk temporaries stay below it and keep reusing heap memory. Fixing the threshold also fixes the trim
+    threshold at 128 KiB, which hands the heap's free top back after every freed MiB-sized chunk
+    temporary and faults it in again for the next (ties on 4M elements: 119 -> 50 ns per element);
+    32 MiB of free heap is kept instead.
     """
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 4 << 20)  # -3 is M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 4 << 20)  # -3 is M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # -1 is M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 

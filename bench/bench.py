@@ -7,6 +7,10 @@
 For each method it prints our wall time and peak RSS, the I/O floor of the same job (read every input,
 write an output-sized file with fsync, page cache warm), the ratio (wall - bare import) / floor, and the
 memory bound (bare import + (models + 2) x largest tensor + 300 MB). Figures only: nothing is asserted.
+
+Methods that use a base merge the fine-tunes onto the family's base; the pruning methods run at density
+0.5 and sce at select_topk 0.5 (at the default 1 they prune nothing). `--mergekit PATH/mergekit-yaml`
+also times mergekit 0.1.5 on the same job (weight 1 per model, float32) and prints the speed-up.
 """
 
 from __future__ import annotations
@@ -143,10 +147,24 @@ def largest_tensor(paths: list[Path]) -> int:
 # Methods that take the family's base and this many of its fine-tunes (None: all), with their flags.
 WITH_BASE = {"slerp": (1, ["--t", "0.5"]), "nearswap": (1, ["--t", "0.001"]), "arcee_fusion": (1, []),
              "nuslerp": (2, []), "multislerp": (None, []), "model_stock": (None, []), "karcher+base": (None, [])}
+# Parameters that make each method do its real work: at mergekit's default density 1 the pruning
+# methods prune nothing (and mergekit's selection, the slow part, never runs).
+JOB_PARAMS = {
+    **dict.fromkeys(["ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
+                     "breadcrumbs_ties"], {"density": 0.5}),
+    "sce": {"select_topk": 0.5},
+}
+
+
+def registered(name: str):
+    sys.path.insert(0, str(ROOT))
+    import methods
+
+    return methods.REGISTRY[methods.canonical_name(name.removesuffix("+base"))]
 
 
 def method_args(name: str, paths: list[Path]) -> tuple[list[str], list[Path]]:
-    """The arguments after --method for one bench entry, and the model folders it reads.
+    """Our command line for the method (after --method), and the model folders it reads.
 
     `karcher+base` is mergekit's karcher: --method karcher with --base.
     """
@@ -157,7 +175,25 @@ def method_args(name: str, paths: list[Path]) -> tuple[list[str], list[Path]]:
         count, flags = WITH_BASE[name]
         models = tunes[:count]
         return ["--base", str(base), "--models", *map(str, models), *flags], [base, *models]
-    return ["--models", *map(str, tunes)], tunes
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in JOB_PARAMS.get(name, {}).items()]
+    if registered(name).random:
+        flags += ["--seed", "0"]
+    if registered(name).uses_base:
+        return ["--base", str(base), "--models", *map(str, tunes), *flags], paths
+    return ["--models", *map(str, tunes), *flags], tunes
+
+
+def mergekit_recipe(name: str, paths: list[Path]) -> str:
+    """The same job as a mergekit YAML recipe (JSON is YAML): weight 1 per model, as our CLI default."""
+    base, tunes = paths[0], paths[1:]
+    params = JOB_PARAMS.get(name, {})
+    per_model = {k: v for k, v in params.items() if k == "density"}
+    recipe = {"merge_method": name, "dtype": "float32",
+              "models": [{"model": str(t), "parameters": {"weight": 1.0, **per_model}} for t in tunes],
+              "parameters": {k: v for k, v in params.items() if k not in per_model}}
+    if registered(name).uses_base:
+        recipe["base_model"] = str(base)
+    return json.dumps(recipe)
 
 
 def main() -> None:
@@ -169,6 +205,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the family is kept (default: a temp folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--merge-args", default="", help="more flags for every merge, e.g. '--svd-solver lowrank'")
+    parser.add_argument("--mergekit", metavar="MERGEKIT_YAML",
+                        help="also time this mergekit-yaml (mergekit 0.1.5) on the same jobs")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
@@ -188,7 +226,9 @@ def main() -> None:
     largest = largest_tensor(paths)
     print(f"machine: {os.cpu_count()} cores; bare `import torch, safetensors`: {bare_s:.2f} s, {bare_rss / 1e6:.0f} MB RSS")
     print(f"largest tensor: {largest / 1e6:.1f} M elements\n")
-    header = f"{'method':<14}{'models':>7}{'wall s':>9}{'floor s':>9}{'ratio':>8}{'raw':>7}{'peak MB':>10}{'bound MB':>10}"
+    header = f"{'method':<17}{'models':>7}{'wall s':>9}{'floor s':>9}{'ratio':>8}{'raw':>7}{'peak MB':>10}{'bound MB':>10}"
+    if args.mergekit:
+        header += f"{'mergekit s':>12}{'mk peak MB':>12}{'speed-up':>10}"
     print(header)
     print("-" * len(header))
     out = workdir / "out"
@@ -201,15 +241,31 @@ def main() -> None:
                    "--output", str(out_file), "--quiet", "--device", args.device, *shlex.split(args.merge_args)]
         wall, peak, code, err = timed(command)
         if code != 0:
-            print(f"{name:<14} failed ({code}): {err}")
+            print(f"{name:<17} failed ({code}): {err}")
             continue
         out_bytes = out_file.stat().st_size
         floor = io_floor(weight_files(inputs), out_bytes, out)
         compute_width = 4 if args.dtype == "float32" else 4  # seed and linear methods compute in float32
         bound = bare_rss + (len(inputs) + 2) * largest * compute_width + 300e6
-        print(f"{name:<14}{len(inputs):>7}{wall:>9.2f}{floor:>9.2f}{(wall - bare_s) / floor:>8.2f}"
-              f"{wall / floor:>7.2f}{peak / 1e6:>10.0f}{bound / 1e6:>10.0f}")
+        row = (f"{name:<17}{len(inputs):>7}{wall:>9.2f}{floor:>9.2f}{(wall - bare_s) / floor:>8.2f}"
+               f"{wall / floor:>7.2f}{peak / 1e6:>10.0f}{bound / 1e6:>10.0f}")
         out_file.unlink()
+        if args.mergekit:
+            row += time_mergekit(args.mergekit, name, paths, out, wall)
+        print(row, flush=True)
+
+
+def time_mergekit(mergekit_yaml: str, name: str, paths: list[Path], out: Path, our_wall: float) -> str:
+    recipe = out / f"{name}.mergekit.yml"
+    recipe.write_text(mergekit_recipe(name, paths))
+    target = out / f"{name}.mergekit"
+    shutil.rmtree(target, ignore_errors=True)
+    wall, peak, code, err = timed([mergekit_yaml, str(recipe), str(target), "--random-seed", "0", "--quiet"])
+    shutil.rmtree(target, ignore_errors=True)
+    recipe.unlink()
+    if code != 0:
+        return f"  mergekit failed ({code}): {err.strip().splitlines()[-1] if err.strip() else ''}"
+    return f"{wall:>12.2f}{peak / 1e6:>12.0f}{wall / our_wall:>9.1f}x"
 
 
 if __name__ == "__main__":
