@@ -171,11 +171,12 @@ class SafetensorsFile:
     def storage_order(self) -> list[str]:
         return sorted(self.infos, key=lambda name: self.offsets[name])
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read(self, name: str, start: int = 0, stop: int | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of a tensor, read into `into` (a uint8 buffer of their size) or a new buffer."""
         info = self.infos[name]
         stop = info.numel if stop is None else stop
         itemsize = ITEMSIZE[info.dtype]
-        buffer = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
+        buffer = torch.empty((stop - start) * itemsize, dtype=torch.uint8) if into is None else into
         _pread_exact(self.fd, memoryview(buffer.numpy()), self.offsets[name][0] + start * itemsize, self.path)
         return buffer.view(torch_dtype(info.dtype))
 
@@ -233,7 +234,8 @@ class TorchFile:
     def storage_order(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read(self, name: str, start: int = 0, stop: int | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A view of the mapped file (`into` is not used: mapped pages need no buffer)."""
         return self.tensors[name].reshape(-1)[start:stop]
 
     def close(self) -> None:
@@ -330,8 +332,12 @@ class Model:
         """Tensor names in the order their bytes lie on disk, so that reads run sequentially."""
         return [name for f in self.files for name in f.storage_order() if name in self.index]
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.files[self.index[name]].read(name, start, stop)
+    def read(self, name: str, start: int = 0, stop: int | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        return self.files[self.index[name]].read(name, start, stop, into)
+
+    def buffered(self, name: str) -> bool:
+        """Whether `read` fills a buffer of ours (safetensors) rather than returning a view of a mapping."""
+        return isinstance(self.files[self.index[name]], SafetensorsFile)
 
     @property
     def nbytes(self) -> int:

@@ -1909,6 +1909,39 @@ def job_blocks(plan: Plan, job: Job) -> list[tuple[int, int]]:
     return list(iter_blocks(job.out.numel, BLOCK))
 
 
+class BufferPool(ByteBudget):
+    """The read-ahead budget, counting recycled buffers too: a buffer the merge is done with is read into
+    again instead of freed, so its pages are not faulted in anew (whole tensors are larger than the mmap
+    threshold, and every fresh mapping costs zeroing and a page fault per 4 KiB)."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.free: dict[int, list] = defaultdict(list)  # byte size -> idle buffers
+
+    def take(self, size: int):
+        """An idle buffer of `size` bytes, or None when a new one is to be allocated (budget taken);
+        idle buffers of other sizes are dropped to make room. None too once stopped."""
+        with self.cond:
+            while not self.stopped:
+                if self.free[size]:
+                    return self.free[size].pop()
+                if self.used == 0 or self.used + size <= self.limit:
+                    self.used += size
+                    return None
+                other = next((sizes for sizes in self.free.values() if sizes), None)
+                if other:
+                    buffer = other.pop()
+                    self.used -= buffer.numel()
+                    continue
+                self.cond.wait()
+            return None
+
+    def recycle(self, buffer) -> None:
+        with self.cond:
+            self.free[buffer.numel()].append(buffer)
+            self.cond.notify_all()
+
+
 class ReadAhead:
     """Reads each job's input blocks in order on a thread of its own (file reads release the GIL).
 
@@ -1918,7 +1951,7 @@ class ReadAhead:
     def __init__(self, plan: Plan):
         self.plan = plan
         largest = max((_block_bytes(plan, job, read) for job in plan.jobs for read in job.reads), default=1)
-        self.budget = ByteBudget((len(plan.models) + 1) * largest)
+        self.budget = BufferPool((len(plan.models) + 1) * largest)
         self.items: deque = deque()
         self.ready = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
@@ -1927,6 +1960,8 @@ class ReadAhead:
         self.thread.start()
 
     def _run(self) -> None:
+        import torch
+
         try:
             for job in self.plan.jobs:
                 for start, stop in job_blocks(self.plan, job):
@@ -1934,9 +1969,12 @@ class ReadAhead:
                         first, last = read_span(self.plan, job, read, start, stop)
                         model = self.plan.models[read[0]]
                         size = (last - first) * ITEMSIZE[model.infos[read[1]].dtype]
-                        if not self.budget.acquire(size):
+                        buffer = self.budget.take(size)
+                        if self.budget.stopped:
                             return
-                        self._put((model.read(read[1], first, last), size))
+                        if buffer is None and model.buffered(read[1]):
+                            buffer = torch.empty(size, dtype=torch.uint8)
+                        self._put((model.read(read[1], first, last, buffer), size, buffer))
         except BaseException as err:  # handed to the main thread, which reports it
             self._put(err)
 
@@ -1953,6 +1991,15 @@ class ReadAhead:
         if isinstance(item, BaseException):
             raise item
         return item
+
+    def done_with(self, items: list, result) -> None:
+        """Give the budget of a block's inputs back; buffers the result does not alias are read into again."""
+        kept = result.untyped_storage().data_ptr() if result is not None and result.device.type == "cpu" else None
+        for _, size, buffer in items:
+            if buffer is not None and buffer.untyped_storage().data_ptr() != kept:
+                self.budget.recycle(buffer)
+            else:
+                self.budget.release(size)
 
     def stop(self) -> None:
         self.budget.stop()
@@ -2129,8 +2176,9 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: WriteBehind, repor
     checked = job.params is None  # copied integer tensors cannot hold NaN
     for _ in job_blocks(plan, job):
         items = [reader.take() for _ in job.reads]
+        out = None
         try:
-            inputs = [t for t, _ in items]
+            inputs = [t for t, _, _ in items]
             if job.align is not None:
                 inputs = aligned_inputs(plan, job, inputs)
             out = inputs[0] if job.params is None else _merge_reporting(plan, job, inputs, reporter)
@@ -2139,11 +2187,10 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: WriteBehind, repor
                 block = out[start:stop].to(device="cpu", dtype=dtype)
                 if not checked and not all_finite(block):
                     checked = True
-                    _report_non_finite(plan, job, [t for t, _ in items], reporter, strict)
+                    _report_non_finite(plan, job, [t for t, _, _ in items], reporter, strict)
                 writer.put(job.name, block)
         finally:
-            for _, size in items:
-                reader.budget.release(size)
+            reader.done_with(items, out)
 
 
 def aligned_inputs(plan: Plan, job: Job, inputs: list) -> list:
