@@ -85,6 +85,7 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 # time, now 1.0 s; wall 6.2 s -> 3.8 s).
 BLOCK = methods.CHUNK
 WRITE_BEHIND = 16 << 20  # bytes of output that may wait for the write-behind thread
+DEVICE_BLOCK = 1 << 24  # element-wise blocks for a GPU: large enough to amortise copies and kernel launches
 MAX_INPUT_PATHS = 100
 
 
@@ -1906,7 +1907,7 @@ def job_blocks(plan: Plan, job: Job) -> list[tuple[int, int]]:
     """Element ranges read at a time: blocks for element-wise work, the whole tensor otherwise."""
     if job.params is not None and (job.scope != methods.ELEMENTWISE or job.align is not None):
         return [(0, job.out.numel)]
-    return list(iter_blocks(job.out.numel, BLOCK))
+    return list(iter_blocks(job.out.numel, BLOCK if plan.device == "cpu" else DEVICE_BLOCK))
 
 
 class BufferPool(ByteBudget):
@@ -1973,7 +1974,8 @@ class ReadAhead:
                         if self.budget.stopped:
                             return
                         if buffer is None and model.buffered(read[1]):
-                            buffer = torch.empty(size, dtype=torch.uint8)
+                            # Pinned host memory copies to a GPU asynchronously; the pool reuses it.
+                            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.plan.device != "cpu")
                         self._put((model.read(read[1], first, last, buffer), size, buffer))
         except BaseException as err:  # handed to the main thread, which reports it
             self._put(err)
@@ -2036,10 +2038,14 @@ def merge_block(plan: Plan, job: Job, inputs: list):
         return job.func(tensors, **keywords)
 
     def loaded(x):
-        """On the device in the compute dtype, through the load cast when a recipe asks for one."""
+        """On the device in the compute dtype, through the load cast when a recipe asks for one.
+
+        Copies to a GPU do not block: the result's copy back to the host waits for them, and only then
+        are the input buffers read into again."""
+        asynchronous = device != "cpu" and x.is_pinned()
         if job.load is not None:
-            x = x.to(device=device, dtype=torch_dtype(job.load))
-        return x.to(device=device, dtype=compute)
+            x = x.to(device=device, dtype=torch_dtype(job.load), non_blocking=asynchronous)
+        return x.to(device=device, dtype=compute, non_blocking=asynchronous)
 
     if job.scope == methods.ELEMENTWISE:
         out = torch.empty(inputs[0].numel(), dtype=torch_dtype(job.out.dtype), device=device)
@@ -2182,7 +2188,9 @@ def _run_job(plan: Plan, job: Job, reader: ReadAhead, writer: WriteBehind, repor
             if job.align is not None:
                 inputs = aligned_inputs(plan, job, inputs)
             out = inputs[0] if job.params is None else _merge_reporting(plan, job, inputs, reporter)
-            # A whole-tensor result is cast and copied to the host a block at a time: no second full copy.
+            if out.device.type != "cpu":
+                out = out.to(dtype=dtype).cpu()  # one copy back, in the output dtype (fewer bytes)
+            # A whole-tensor result is cast a block at a time: no second full copy.
             for start, stop in iter_blocks(out.numel(), BLOCK):
                 block = out[start:stop].to(device="cpu", dtype=dtype)
                 if not checked and not all_finite(block):
