@@ -190,7 +190,8 @@ def build_parser() -> Parser:
     parser.add_argument("--output", metavar="PATH", default="merged.safetensors",
                         help="x.safetensors (one file) or dir/ (Hugging Face folder); default merged.safetensors")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: per method, see README)")
-    parser.add_argument("--compute-dtype", choices=DTYPE_CHOICES, help="cast inputs to this dtype before merging")
+    parser.add_argument("--compute-dtype", choices=DTYPE_CHOICES,
+                        help="cast every input to this dtype as it is loaded (mergekit's dtype:)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for the math (default: 1 for streaming work, where the read and write "
