@@ -2320,6 +2320,16 @@ def estimated_seconds(plan: Plan) -> float:
     return seconds
 
 
+def matrix_shapes(plan: Plan) -> dict[str, int]:
+    """For matrix methods: how many tensors of each shape take the SVD path ("m x n" -> count)."""
+    shapes: dict[str, int] = {}
+    for job in plan.jobs:
+        if plan.method.scope == methods.MATRIX and job.scope == methods.WHOLE:
+            key = " x ".join(map(str, job.out.shape))
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
 def dry_run_report(plan: Plan) -> dict:
     def model_entry(model: Model) -> dict:
         kinds = {"safetensors" if p.endswith(".safetensors") else "pytorch" for p in model.paths}
@@ -2339,6 +2349,7 @@ def dry_run_report(plan: Plan) -> dict:
         "output": {"path": plan.output_label,
                    "files": [{"name": n, "bytes": sum(i.nbytes for _, i in shard)} for n, shard in zip(names, plan.shards)],
                    "extra_files": sorted(plan.extra)},
+        "matrix_path": matrix_shapes(plan),
         "memory_bytes": estimated_memory(plan),
         "disk": {"folder": folder, "needed_bytes": output_bytes(plan), "free_bytes": free},
         "seconds_estimate": round(estimated_seconds(plan), 1),
@@ -2362,6 +2373,9 @@ def print_dry_run(report: dict) -> None:
     disk = report["disk"]
     verdict = "enough" if disk["needed_bytes"] <= disk["free_bytes"] else "NOT ENOUGH"
     lines.append(f"  disk: needs {_size(disk['needed_bytes'])}, {_size(disk['free_bytes'])} free in {disk['folder']} ({verdict})")
+    if report["matrix_path"]:
+        lines.append("  matrix path (SVDs): " + ", ".join(f"{count} x [{shape}]" for shape, count in
+                                                          report["matrix_path"].items()))
     lines.append(f"  memory: about {_size(report['memory_bytes'])} of tensor data besides the interpreter")
     lines.append(f"  time: about {report['seconds_estimate']:.0f} s (rough: disk speed and, for SVD methods, CPU cost)")
     print("\n".join(lines), file=sys.stderr)

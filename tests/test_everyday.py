@@ -147,3 +147,16 @@ def test_the_package_declares_the_merge_models_command_and_the_version():
     declared = {re.split(r"[<>=]", d.strip('" ,'))[0].lower() for d in
                 re.search(r"dependencies = \[(.*?)\]", text, re.DOTALL).group(1).split("\n") if d.strip()}
     assert requirements == declared
+
+
+def test_a_dry_run_of_a_matrix_method_lists_the_svd_shapes(tmp_path, run):
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        save_safetensors(tmp_path / f"s{i}.safetensors", {"layers.0.w": torch.randn(8, 6, generator=g),
+                                                          "layers.1.w": torch.randn(8, 6, generator=g),
+                                                          "norm": torch.ones(6)})
+    code, out, err = run("--method", "iso_c", "--base", "s0.safetensors", "--models", "s1.safetensors",
+                         "s2.safetensors", "--dry-run", "--json", "--output", "x.safetensors")
+    assert code == 0, err
+    assert json.loads(out)["dry_run"]["matrix_path"] == {"8 x 6": 2}
+    assert "matrix path (SVDs): 2 x [8 x 6]" in err
