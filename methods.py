@@ -1203,19 +1203,15 @@ def row_sums(x: Tensor) -> Tensor:
     return x.sum(-1, keepdim=True)
 
 
-def stacked_sum(terms: Iterable[Tensor]) -> Tensor:
-    """torch.stack(terms).sum(0) without the stack, one term alive at a time: half precision adds up in
-    float32 and rounds once, as torch's sum does."""
-    terms = iter(terms)
-    term = next(terms)
-    dtype = term.dtype
-    total = torch.zeros(term.shape, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
-                        device=term.device)
-    while term is not None:
+def stacked_sum(terms: Iterable[Tensor], out: Tensor) -> Tensor:
+    """torch.stack(terms).sum(0) into `out` without the stack, one term alive at a time: half precision
+    adds up in float32 and rounds once, as torch's sum does. (The sum builds in a temporary: `out` is
+    written once.)"""
+    wide = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
+    total = torch.zeros(out.shape, dtype=wide, device=out.device)
+    for term in terms:
         total += term
-        del term  # before the next term is made
-        term = next(terms, None)
-    return total.to(dtype)
+    return out.copy_(total)
 
 
 SLERP_CHUNK = 1 << 20  # mergekit's slerp reduces chunks this long, then their results
@@ -1268,11 +1264,12 @@ def slerp(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
     return out.reshape(base.shape)
 
 
-def materialized(buffer: Tensor, piece: Callable[[slice], Tensor]) -> Tensor:
-    """`buffer` (flat) filled with piece(chunk), chunk by chunk: a whole-tensor intermediate that a reduction
-    needs whole, made without whole-tensor temporaries (every element sees the same operations)."""
+def materialized(buffer: Tensor, piece: Callable[[slice, Tensor], object]) -> Tensor:
+    """`buffer` (flat) filled chunk by chunk, piece(chunk, buffer[chunk]) writing each: a whole-tensor
+    intermediate that a reduction needs whole, made without whole-tensor temporaries (every element sees
+    the same operations)."""
     for start, stop in chunk_ranges(buffer.numel()):
-        buffer[start:stop] = piece(slice(start, stop))
+        piece(slice(start, stop), buffer[start:stop])
     return buffer
 
 
@@ -1328,24 +1325,24 @@ def slerp_flat(t: float, first: Tensor, second: Tensor, base: Tensor | None) -> 
         return (lambda c: flats[i][c]) if origin is None else (lambda c: flats[i][c] - origin[c])
 
     def whole(i: int) -> Tensor:
-        return flats[i] if origin is None else materialized(out, vector(i))
+        return flats[i] if origin is None else materialized(out, lambda c, o: torch.sub(flats[i][c], origin[c], out=o))
 
     v0, v1 = vector(0), vector(1)
     n0, n1 = (torch.norm(whole(i), dim=-1, keepdim=True).clamp(min=1e-7) for i in (0, 1))
-    cos = row_sums(materialized(out, lambda c: (v0(c) / n0) * (v1(c) / n1))).clamp(-1, 1)
+    cos = row_sums(materialized(out, lambda c, o: torch.mul(v0(c) / n0, v1(c) / n1, out=o))).clamp(-1, 1)
     colinear = (1 - cos.square()) <= 1e-8**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     s0, s1, s = torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
 
-    def point(c: slice) -> Tensor:
+    def point(c: slice, o: Tensor) -> None:
         if colinear:
-            result = (1 - t) * v0(c)
-            result += t * v1(c)
+            result = torch.add((1 - t) * v0(c), t * v1(c), out=None if origin is not None else o)
         else:
             result = s0 * v0(c)
             result += s1 * v1(c)
-            result /= s
-        return result if origin is None else origin[c] + result
+            torch.div(result, s, out=result if origin is not None else o)
+        if origin is not None:
+            torch.add(origin[c], result, out=o)
 
     return materialized(out, point).reshape(first.shape)
 
@@ -1427,34 +1424,37 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
     def vector(i: int, c: slice) -> Tensor:
         return flats[i][c] if origin is None else flats[i][c] - origin[c]
 
-    norms = [torch.norm(flats[i] if origin is None else materialized(scratch, lambda c: vector(i, c)))
+    norms = [torch.norm(flats[i] if origin is None
+                        else materialized(scratch, lambda c, o: torch.sub(flats[i][c], origin[c], out=o)))
              for i in range(len(flats))]
     divisors = [n + eps for n in norms]
 
     def unit(i: int, c: slice) -> Tensor:
         return vector(i, c) / divisors[i]
 
-    materialized(mean, lambda c: stacked_sum(unit(i, c) * w for i, w in enumerate(weights)))
+    materialized(mean, lambda c, o: stacked_sum((unit(i, c) * w for i, w in enumerate(weights)), o))
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(models) > 2:
             raise ValueError("the weighted directions cancel out (the models, or their task vectors, are zero "
                              "or opposite with balancing weights)")
         # Two opposite directions: mergekit falls back to the straight line between the models.
-        def line(c: slice) -> Tensor:
-            result = vector(0, c) * weights[0] + vector(1, c) * weights[1]
-            return result if origin is None else result + origin[c]
+        def line(c: slice, o: Tensor) -> None:
+            result = torch.add(vector(0, c) * weights[0], vector(1, c) * weights[1], out=o if origin is None else None)
+            if origin is not None:
+                torch.add(result, origin[c], out=o)
         return materialized(mean, line).reshape(models[0].shape)
     mean /= mean_norm
     # each unit vector's projection onto the tangent plane at the mean
-    dots = [row_sums(materialized(scratch, lambda c: unit(i, c) * mean[c])) for i in range(len(flats))]
+    dots = [row_sums(materialized(scratch, lambda c, o: torch.mul(unit(i, c), mean[c], out=o)))
+            for i in range(len(flats))]
 
     def tangent(i: int, c: slice) -> Tensor:
         u = unit(i, c)
         u -= dots[i] * mean[c]
         return u
 
-    materialized(scratch, lambda c: stacked_sum(tangent(i, c) * w for i, w in enumerate(weights)))
+    materialized(scratch, lambda c, o: stacked_sum((tangent(i, c) * w for i, w in enumerate(weights)), o))
     size = torch.norm(scratch) + eps
     # the exponential map's step from the mean, in place
     along, across, scale = torch.cos(size), torch.sin(size) / size, (torch.stack(norms) * weights).sum()
@@ -1528,8 +1528,8 @@ def stock_factor(norms: Sequence[Tensor], dots: dict[tuple[int, int], Tensor]) -
     return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / denominator)
 
 
-def stock_point(points: Iterable[Tensor], origin: Tensor, t: Tensor, count: int) -> Tensor:
-    result = sum(points) / count
+def stock_point(points: Iterable[Tensor], origin: Tensor, t: Tensor, count: int, out: Tensor | None = None) -> Tensor:
+    result = torch.div(sum(points), count, out=out)
     result *= t
     result += (1 - t) * origin
     return result
@@ -1556,11 +1556,13 @@ def stock_flat(base: Tensor, models: Sequence[Tensor]) -> Tensor:
     def offset(i: int, c: slice) -> Tensor:
         return points[i][c] - origin[c]
 
-    norms = [torch.norm(materialized(out, lambda c: offset(i, c)), dim=-1) for i in range(len(points))]
-    dots = {(a, b): row_sums(materialized(out, lambda c: offset(a, c) * offset(b, c))).squeeze(-1)
+    norms = [torch.norm(materialized(out, lambda c, o: torch.sub(points[i][c], origin[c], out=o)), dim=-1)
+             for i in range(len(points))]
+    dots = {(a, b): row_sums(materialized(out, lambda c, o: torch.mul(offset(a, c), offset(b, c), out=o))).squeeze(-1)
             for a, b in pairs(len(points))}
     t = stock_factor(norms, dots)
-    return materialized(out, lambda c: stock_point((p[c] for p in points), origin[c], t, len(points))).reshape(base.shape)
+    return materialized(out, lambda c, o: stock_point((p[c] for p in points), origin[c], t, len(points), o)).reshape(
+        base.shape)
 
 
 @method(
@@ -1593,7 +1595,7 @@ def outlier_threshold(scores: Tensor, generator: torch.Generator) -> Tensor:
         # index_select gathers what flat[draws] does, 3x faster here
         flat = flat.index_select(0, torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator).to(flat.device))
     positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()  # float32, as mergekit rounds
-    q1, median, q3 = sorted_floats(flat, positions)
+    q1, median, q3 = sorted_floats(flat, positions.to(flat.device))
     return median + 1.5 * (q3 - q1)
 
 
@@ -1601,8 +1603,9 @@ def sorted_floats(flat: Tensor, positions: Tensor) -> Tensor:
     """torch.sort(flat).values[positions], by a radix selection on integer keys (3x faster than that
     sort here for 10^6 float32 values, and 7x faster than sorting the keys).
 
-    The keys are the floats' bits with the magnitude bits of negative numbers flipped, so that integer
-    order is float order; NaNs go last, as torch.sort puts them. -0.0 sorts before 0.0, which torch.sort
+    The keys are the floats' bits, which sort like the values when none is negative or NaN (scores
+    rarely are); otherwise the magnitude bits of negative numbers are flipped, so that integer order is
+    float order, and NaNs go last, as torch.sort puts them. -0.0 sorts before 0.0, which torch.sort
     leaves to chance: the values are equal either way. A histogram of the keys' top 16 bits finds the
     bucket of each position, whose members are few; the rank within the bucket is selected among them.
     """
@@ -1613,15 +1616,21 @@ def sorted_floats(flat: Tensor, positions: Tensor) -> Tensor:
     def flipped(bits: Tensor) -> Tensor:  # its own inverse: the sign bit stays
         return bits ^ ((bits >> shift) & top)
 
-    keys = flipped(flat.view(kind)).masked_fill_(flat.isnan(), top)
+    ordered = bool(flat.min() >= 0)  # False with a NaN
+    keys = flat.view(kind) if ordered else flipped(flat.view(kind)).masked_fill_(flat.isnan(), top)
     buckets = (keys >> (shift + 1 - 16)).int() + (1 << 15)
     running = torch.bincount(buckets, minlength=1 << 16).cumsum(0)
+    wanted = torch.searchsorted(running, positions, right=True)
+    # one pass picks the members of every wanted bucket
+    picked = torch.zeros(1 << 16, dtype=torch.bool, device=flat.device).index_fill_(0, wanted, True).index_select(
+        0, buckets)
+    members, member_buckets = keys[picked], buckets[picked]
     found = []
-    for position in positions.tolist():
-        bucket = int(torch.searchsorted(running, position, right=True))
+    for position, bucket in zip(positions.tolist(), wanted.tolist()):
         rank = position - (int(running[bucket - 1]) if bucket else 0)
-        found.append(keys[buckets == bucket].kthvalue(rank + 1).values)
-    return flipped(torch.stack(found)).view(flat.dtype)
+        found.append(members[member_buckets == bucket].kthvalue(rank + 1).values)
+    found = torch.stack(found)
+    return (found if ordered else flipped(found)).view(flat.dtype)
 
 
 @method(
