@@ -1585,9 +1585,10 @@ def first_in_order(keys: Tensor, count: int, *, largest: bool) -> Tensor:
     ints = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
     boundary, ties = boundary_key(ints, count, largest)
     beyond = torch.gt if largest else torch.lt
-    for start, stop in chunk_ranges(total):
+    flags = torch.empty(min(total, CHUNK), dtype=ints.dtype, device=ints.device)
+    for start, stop in chunk_ranges(total, flags.numel()):
         part = ints[start:stop]
-        beyond(part, boundary, out=mask[start:stop])
+        mask[start:stop] = beyond(part, boundary, out=flags[:stop - start])  # see COMPARE
         if ties:
             equal = part == boundary
             found = int(equal.count_nonzero())
@@ -1608,15 +1609,17 @@ def boundary_key(ints: Tensor, count: int, largest: bool) -> tuple[int, int]:
     width = ints.element_size() * 8
     prefix, remaining = 0, count
     for shift in range(width - 16, -1, -16):
-        histogram = torch.zeros(1 << 16, dtype=torch.int64, device=ints.device)
+        # one bin per digit, and one more for the keys outside the prefix found so far
+        histogram = torch.zeros((1 << 16) + 1, dtype=torch.int64, device=ints.device)
         for start, stop in chunk_ranges(ints.numel()):
             part = ints[start:stop]
-            if shift < width - 16:
-                part = part[(part >> (shift + 16)) == prefix]
-            # Keys are non-negative, so the top digit needs no mask (and int16 could not hold one).
-            digits = part >> shift if shift == width - 16 else (part >> shift) & 0xFFFF
-            histogram += torch.bincount(digits.reshape(-1), minlength=1 << 16)
-        counts = histogram.flip(0) if largest else histogram
+            if shift == width - 16:  # keys are non-negative: the top digit needs no mask (int16 could not hold one)
+                digits = part >> shift
+            else:  # arithmetic, not a boolean index: 2x faster
+                inside = torch.eq(part >> (shift + 16), prefix, out=torch.empty_like(part))  # see COMPARE
+                digits = (part >> shift).bitwise_and_(0xFFFF).sub_(1 << 16).mul_(inside).add_(1 << 16)
+            histogram += torch.bincount(digits, minlength=(1 << 16) + 1)
+        counts = histogram[:1 << 16].flip(0) if largest else histogram[:1 << 16]
         running = counts.cumsum(0)
         position = int(torch.searchsorted(running, remaining))
         remaining -= int(running[position - 1]) if position else 0
