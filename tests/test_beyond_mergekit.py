@@ -193,7 +193,7 @@ def test_select_is_torch_where_bit_for_bit(dtype):
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, -2.5, 3.0])
     if_true, if_false = special.to(dtype), special.flip(0).to(dtype)
     mask = torch.tensor([True, False, True, True, False, False, True, False])
-    bits = methods.INTEGER_VIEW[dtype]
+    bits = methods.integer_view(dtype)
     expected = torch.where(mask, if_true, if_false)
     assert torch.equal(methods.select(mask, if_true, if_false).view(bits), expected.view(bits))
 

@@ -465,3 +465,18 @@ def test_main_runs_as_a_script(tmp_path, three_models):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert (tmp_path / "s.safetensors").exists()
+
+
+def test_help_does_not_import_torch():
+    """`--help` must start in a fraction of a second; importing torch takes seconds."""
+    import subprocess
+    import sys
+
+    probe = ("import runpy, sys; sys.argv = ['merge.py', '--help']\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "sys.stderr.write('torch._C' in sys.modules and 'imported' or 'deferred')")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(merge.__file__).parent,
+                          capture_output=True, text=True)
+    assert "usage:" in done.stdout
+    assert done.stderr.endswith("deferred"), done.stderr
