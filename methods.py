@@ -1587,8 +1587,11 @@ def stock_flat(base: Tensor, models: Sequence[Tensor]) -> Tensor:
 )
 def nearswap(models: Sequence[Tensor], *, t: float, base: Tensor) -> Tensor:
     other = models[0]
-    weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * other + (1 - weight) * base
+    # mergekit's (t / |base - other|.clamp(1e-6)).clamp(0, 1) and w·other + (1 − w)·base, op for op in place
+    # (torch computes t / x as x.reciprocal() * t, and 1 − w as −w + 1, with the same roundings)
+    weight = torch.sub(base, other).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(min=0, max=1)
+    taken = torch.mul(weight, other)
+    return taken.add_(weight.neg_().add_(1).mul_(base))
 
 
 QUANTILE_SAMPLE = 1_000_000  # beyond this many scores mergekit estimates the quantiles from this many draws

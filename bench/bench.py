@@ -281,9 +281,13 @@ def main() -> None:
         arguments, inputs = method_args(name, paths)
         out_file = out / f"{name}.safetensors"
         command = [sys.executable, str(MERGE), "--method", name.removesuffix("+base"), *arguments,
-                   "--output", str(out_file), "--quiet", "--overwrite", "--device", args.device,
-                   *shlex.split(args.merge_args)]
-        wall, peak, code, err = best(args.repeat, lambda: timed(command))
+                   "--output", str(out_file), "--quiet", "--device", args.device, *shlex.split(args.merge_args)]
+
+        def merge_once():
+            out_file.unlink(missing_ok=True)  # else the run would also pay for deleting the last run's output
+            return timed(command)
+
+        wall, peak, code, err = best(args.repeat, merge_once)
         if code != 0:
             print(f"{name}: failed ({code}): {err}")
             continue
