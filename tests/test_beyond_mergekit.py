@@ -584,3 +584,38 @@ def test_cuda_results_match_cpu_to_a_tolerance(tmp_path, run, name):
     for key in cpu:
         if cpu[key].is_floating_point():
             assert torch.allclose(cpu[key], cuda[key], rtol=1e-4, atol=1e-4), key
+
+
+def failing_svd(monkeypatch, fails_for):
+    """torch.linalg.svd that raises LAPACK's convergence error for the dtypes in `fails_for`."""
+    real = torch.linalg.svd
+    seen = []
+
+    def svd(matrix, full_matrices=True):
+        seen.append(matrix.dtype)
+        if matrix.dtype in fails_for:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    return seen
+
+
+@pytest.mark.parametrize("solver", ["exact", "lowrank"])
+def test_an_svd_that_does_not_converge_in_float32_is_taken_again_in_float64(monkeypatch, solver):
+    base, models = family(3, rows=40, cols=56, dtype=torch.float32)
+    expected = iso_cts([m.double() for m in models], base.double(), svd_solver=solver)
+    seen = failing_svd(monkeypatch, {torch.float32})
+    out = iso_cts(models, base, svd_solver=solver)
+    assert torch.float32 in seen and F64 in seen
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+def test_an_svd_that_never_converges_is_one_error_naming_the_tensor(tmp_path, run, monkeypatch):
+    base, models = write_family(tmp_path, 2)
+    failing_svd(monkeypatch, {torch.float32, F64})
+    code, _, err = run("--method", "iso_c", "--base", base, "--models", *models, "--output", "o.safetensors")
+    assert code == 2 and not (tmp_path / "o.safetensors").exists()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: tensor model.layers.0.") and "did not converge, even in float64" in line
