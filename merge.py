@@ -171,10 +171,11 @@ def _dest(flag: str) -> str:
 
 def build_parser() -> Parser:
     names = "\n".join(f"  {m.name:<12} {m.summary}" for m in methods.REGISTRY.values())
+    installed = os.path.basename(sys.argv[0]) == "merge-models"  # the command `pip install .` makes
     parser = Parser(
-        prog="merge.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="merge-models" if installed else "merge.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge checkpoints (.safetensors, .bin, Hugging Face folders) tensor by tensor.",
-        epilog=f"methods:\n{names}\n\nexit codes: 0 success, 2 bad input or environment, 130 interrupted, 1 internal error",
+        epilog=f"methods:\n{names}\n\nexit codes: 0 success, 2 bad input or environment, 130 interrupted (143 by SIGTERM), 1 internal error",
     )
     parser.add_argument("--method", metavar="NAME", help="merge method (see below)")
     parser.add_argument("--config", metavar="RECIPE", help="a mergekit YAML recipe (or an output of ours, to repeat it)")
