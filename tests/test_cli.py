@@ -480,3 +480,31 @@ def test_help_does_not_import_torch():
                           capture_output=True, text=True)
     assert "usage:" in done.stdout
     assert done.stderr.endswith("deferred"), done.stderr
+
+
+ELEMENTWISE = [m for m in methods.REGISTRY.values() if m.scope == methods.ELEMENTWISE]
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE, ids=lambda m: m.name)
+def test_every_element_wise_method_gives_the_same_bits_in_small_blocks_as_in_one_piece(tmp_path, run, monkeypatch,
+                                                                                      method):
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(5000, generator=g), "v": torch.randn(33, 70, generator=g).to(torch.bfloat16)}
+    states = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+              for _ in range(3)]
+    paths = [save_safetensors(tmp_path / f"m{i}.safetensors", s) for i, s in enumerate(states)]
+    count = min(len(paths), method.max_models or len(paths))
+    if count < method.min_models:
+        pytest.skip(f"{method.name} needs more models")
+    argv = ["--method", method.name, "--models", *paths[:count]]
+    if method.uses_base:
+        argv += ["--base", save_safetensors(tmp_path / "base.safetensors", base)]
+    argv += [a for p in method.params if p.required for a in (p.cli_flag, "0.05")]
+    assert run(*argv, "--output", "whole.safetensors")[0] == 0  # 5000 elements: one chunk, one block
+    monkeypatch.setattr(merge, "BLOCK", 1 << 10)
+    monkeypatch.setattr(methods, "CHUNK", 1 << 8)
+    code, _, err = run(*argv, "--output", "blocks.safetensors")
+    assert code == 0, err
+    whole, blocks = load(tmp_path / "whole.safetensors"), load(tmp_path / "blocks.safetensors")
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)
