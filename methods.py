@@ -1850,7 +1850,8 @@ def outlier_mask(x: Tensor, base: Tensor, density: float, gamma: float, tie_brea
     if tie_break == MERGEKIT:
         order = torch.sort(mergekit_keys(keys), descending=False).indices
         return mergekit_selection(order[bottom:bottom + keep], x.shape)
-    return first_in_order(keys, bottom + keep, largest=False) & ~first_in_order(keys, bottom, largest=False)
+    kept = first_in_order(keys, bottom + keep, largest=False)  # in place below: no mask-sized temporaries
+    return kept.logical_and_(first_in_order(keys, bottom, largest=False).logical_not_())
 
 
 def uniform_draws(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
