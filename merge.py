@@ -173,7 +173,8 @@ def build_parser() -> Parser:
     names = "\n".join(f"  {m.name:<12} {m.summary}" for m in methods.REGISTRY.values())
     installed = os.path.basename(sys.argv[0]) == "merge-models"  # the command `pip install .` makes
     parser = Parser(
-        prog="merge-models" if installed else "merge.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="merge-models" if installed else "merge.py", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge checkpoints (.safetensors, .bin, Hugging Face folders) tensor by tensor.",
         epilog=f"methods:\n{names}\n\nexit codes: 0 success, 2 bad input or environment, 130 interrupted (143 by SIGTERM), 1 internal error",
     )

@@ -1764,7 +1764,7 @@ def first_in_order(keys: Tensor, count: int, *, largest: bool) -> Tensor:
         return mask.fill_(True).view(keys.shape)
     if count <= 0:
         return mask.view(keys.shape)
-    ints = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    ints = flat.view(integer_view(flat.dtype))
     boundary, ties = boundary_key(ints, count, largest)
     beyond = torch.gt if largest else torch.lt
     flags = torch.empty(min(total, CHUNK), dtype=ints.dtype, device=ints.device)
@@ -1896,7 +1896,7 @@ def rank_probabilities(magnitudes: Tensor, table: Tensor, tie_break: str) -> Ten
         order = magnitudes.sort(dim=1, stable=True).indices
         return table.new_empty(magnitudes.shape).scatter_(1, order, table.view(1, -1, 1).expand(magnitudes.shape))
     key_type = torch.int32 if value_bits + position_bits <= 31 else torch.int64
-    values = magnitudes.view({2: torch.int16, 4: torch.int32}[magnitudes.element_size()]).transpose(1, 2)
+    values = magnitudes.view(integer_view(magnitudes.dtype)).transpose(1, 2)
     keys = torch.empty((lines, rest, length), dtype=key_type, device=magnitudes.device)
     torch.bitwise_left_shift(values.to(key_type), position_bits, out=keys)
     keys |= torch.arange(length, dtype=key_type, device=keys.device)
