@@ -2360,9 +2360,14 @@ def dry_run_report(plan: Plan) -> dict:
 
 def print_dry_run(report: dict) -> None:
     lines = [f"plan: {report['method']}"]
+    own = {str(m["model"]): m.get("parameters") or {} for m in report["recipe"].get("models") or []
+           if isinstance(m, dict) and "model" in m}
     for entry in report["models"]:
-        lines.append(f"  input {entry['path']}: {entry['format']}, {entry['files']} file(s), "
-                     f"{_size(entry['bytes'])}, {entry['tensors']} tensors")
+        settings = own.get(entry["path"])
+        role = "base" if entry["path"] == str(report["recipe"].get("base_model")) else "input"
+        lines.append(f"  {role} {entry['path']}: {entry['format']}, {entry['files']} file(s), "
+                     f"{_size(entry['bytes'])}, {entry['tensors']} tensors"
+                     + ("; " + ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else ""))
     parameters = report["recipe"].get("parameters") or {}
     if parameters:
         lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in parameters.items()))

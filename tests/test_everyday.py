@@ -34,6 +34,18 @@ def test_a_dry_run_plans_what_the_real_run_writes_and_writes_nothing(three_model
     assert report["disk"]["needed_bytes"] >= index["metadata"]["total_size"]
 
 
+def test_a_dry_run_shows_each_models_own_parameters_and_which_input_is_the_base(three_models, run):
+    code, _, err = run("--method", "ties", "--base", three_models[2], "--models", *three_models[:2],
+                       "--weights", "0.7", "0.3", "--density", "0.4", "--dry-run")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert any(line.startswith(f"  input {three_models[0]}:") and line.endswith("; weight=0.7, density=0.4")
+               for line in lines)
+    assert any(line.startswith(f"  input {three_models[1]}:") and line.endswith("; weight=0.3, density=0.4")
+               for line in lines)
+    assert any(line.startswith(f"  base {three_models[2]}:") and line.endswith(" tensors") for line in lines)
+
+
 def test_a_dry_run_fails_like_the_real_run_would(three_models, run):
     code, out, err = run("--method", "ema", "--alpha", "2", "--models", *three_models, "--dry-run")
     assert code == 2 and "--alpha must be" in err and out == ""
