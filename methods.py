@@ -568,23 +568,30 @@ def karcher_direct(models: Sequence[Tensor], alphas: list[float], max_iter: int,
         point = directions[0].clone()
     else:
         point = (point / length).to(point.dtype)
+    # The iteration's element-wise steps run chunk by chunk, in place: the same operations on every
+    # element, so the same bits, at a quarter of the time (half-precision temporaries stay in cache);
+    # the dot products and norms stay whole-tensor reductions, as the reference's bits depend on them.
+    point = point.reshape(-1)
+    tangent = torch.empty_like(point)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(point)
-        for beta, unit in zip(betas, directions):
-            cosine = torch.clamp(torch.dot(point.flatten(), unit.flatten()), -1.0, 1.0)
+        tangent.zero_()
+        for beta, unit in zip(betas, (direction.reshape(-1) for direction in directions)):
+            cosine = torch.clamp(torch.dot(point, unit), -1.0, 1.0)
             theta = torch.arccos(cosine)
             if theta.item() < tol:
                 continue
-            tangent += beta * (theta / torch.sin(theta)) * (unit - cosine * point)
+            factor = beta * (theta / torch.sin(theta))
+            materialized(tangent, lambda c, o: o.add_(factor * (unit[c] - cosine * point[c])))
         size = torch.linalg.vector_norm(tangent.to(wide))
         if size.item() < tol:
             break
-        point = (torch.cos(size) * point + torch.sin(size) * (tangent / size)).to(point.dtype)
+        along, across = torch.cos(size), torch.sin(size)
+        materialized(point, lambda c, o: o.copy_(along * o + across * (tangent[c] / size)))
         length = torch.linalg.vector_norm(point.to(wide))
         if length.item() > tol:
-            point = (point / length).to(point.dtype)
+            materialized(point, lambda c, o: o.copy_(o / length))
     scale = sum(alpha * n for alpha, n in zip(alphas, norms))
-    return scale * point
+    return (scale * point).reshape(models[0].shape)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -173,3 +173,43 @@ def test_quartile_selection_finds_the_values_torch_sort_puts_there(dtype):
         # equal values (0.0 and -0.0 are equal; NaN is NaN)
         assert torch.equal(found.isnan(), expected.isnan()), label
         assert torch.equal(found[~found.isnan()], expected[~expected.isnan()]), label
+
+
+def karcher_oracle(models, alphas, max_iter, tol):
+    """mergekit's karcher (and the seed's native arithmetic), whole tensors, op for op."""
+    wide = torch.float64 if models[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(x.to(wide)) for x in models]
+    units = [(x / n).to(x.dtype) for x, n in zip(models, norms)]
+    betas = [a / sum(alphas) for a in alphas]
+    point = torch.zeros_like(units[0])
+    for beta, unit in zip(betas, units):
+        point += beta * unit
+    point = (point / torch.linalg.vector_norm(point.to(wide))).to(point.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(point)
+        for beta, unit in zip(betas, units):
+            cosine = torch.clamp(torch.dot(point.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cosine)
+            if theta.item() < tol:
+                continue
+            tangent += beta * (theta / torch.sin(theta)) * (unit - cosine * point)
+        size = torch.linalg.vector_norm(tangent.to(wide))
+        if size.item() < tol:
+            break
+        point = (torch.cos(size) * point + torch.sin(size) * (tangent / size)).to(point.dtype)
+        length = torch.linalg.vector_norm(point.to(wide))
+        if length.item() > tol:
+            point = (point / length).to(point.dtype)
+    return sum(a * n for a, n in zip(alphas, norms)) * point
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_karcher_replayed_op_for_op_in_chunks_has_the_bits_of_the_whole_tensor_formula(shape, dtype):
+    base, tunes = family(shape, dtype)
+    models = [base, *tunes]
+    g = torch.Generator().manual_seed(5)
+    models[1] = (models[1].float() + 0.02 * torch.randn(shape, generator=g)).to(dtype)  # some real angles
+    for alphas in ([0.25] * 4, [0.4, 0.3, 0.2, 0.1]):
+        ours = methods.karcher_direct(models, alphas, max_iter=10, tol=1e-5)
+        assert same_bits(ours, karcher_oracle(models, alphas, 10, 1e-5))
